@@ -1,0 +1,217 @@
+# This file is written as it stands into every saved FaceDiffPipeline (as remote code), so it imports nothing from
+# facediff: only torch, diffusers and its sibling scheduling_facediff.py, which is saved beside it.
+"""Unconditional image generation with a UNet2DModel and the document's DDPM sampler."""
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from .scheduling_facediff import FaceDiffScheduler
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+# The keyword arguments that say where a folder or Hub repo is and how to fetch it, as every from_pretrained takes.
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+
+class FaceDiffPipeline(DiffusionPipeline):
+    """
+    Draws images from a trained DDPM: noise x_T, then the document's reverse update down to x_0.
+
+    Args:
+        unet ([`UNet2DModel`]):
+            The noise predictor M(x_t, t).
+        scheduler ([`FaceDiffScheduler`]):
+            The DDPM schedule and reverse update.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: FaceDiffScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """
+        Generate images.
+
+        Args:
+            batch_size (`int`, defaults to 1):
+                How many images.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Makes sampling reproducible; a list gives one generator per image, and image i is then the image
+                its generator alone gives with `batch_size=1`.
+            num_inference_steps (`int`, *optional*):
+                Reverse steps; `None` runs the scheduler's full chain of T steps, fewer respace it.
+            output_type (`str`, defaults to `"pil"`):
+                `"pil"` (mode "L" for one channel, "RGB" for three), `"np"` (N, H, W, C in [0, 1]) or `"pt"`
+                (N, C, H, W in [0, 1]).
+            return_dict (`bool`, defaults to `True`):
+                Return an [`ImagePipelineOutput`] rather than a tuple.
+
+        Returns:
+            [`ImagePipelineOutput`] or `tuple`: the images, as `images` or as the tuple's first element.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for batch_size={batch_size}: pass one per image.")
+
+        sample_size = self.unet.config.sample_size
+        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+        shape = (batch_size, self.unet.config.in_channels, height, width)
+        image = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_output = self.unet(image, t).sample
+            image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.permute(0, 2, 3, 1).float().cpu().numpy()
+        if output_type == "pil":
+            image = self.numpy_to_pil(image)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "FaceDiffPipeline":
+        """
+        Load a pipeline saved by [`FaceDiffPipeline.save_pretrained`] from a folder or a Hub repo id.
+
+        The folder also carries this module as remote code for users without facediff; loading through this
+        class uses the installed classes instead, so no code from the folder runs and `trust_remote_code` is not
+        needed. Weights load from safetensors only unless `use_safetensors=False` is passed.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A local folder, or a Hub repo id such as `"user/name"` (read from the Hub cache when offline).
+            kwargs:
+                `unet` or `scheduler` to use instead of the saved ones; Hub arguments (`cache_dir`, `revision`,
+                `token`, `local_files_only`, ...); and UNet loading arguments such as `torch_dtype`.
+
+        Returns:
+            [`FaceDiffPipeline`]
+        """
+        hub_kwargs = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
+        unet = kwargs.pop("unet", None)
+        scheduler = kwargs.pop("scheduler", None)
+        kwargs.setdefault("use_safetensors", True)
+
+        index = cls.load_config(pretrained_model_name_or_path, **hub_kwargs)
+        _check_model_index(index, pretrained_model_name_or_path)
+        if unet is None:
+            unet = UNet2DModel.from_pretrained(pretrained_model_name_or_path, subfolder="unet", **hub_kwargs, **kwargs)
+        if scheduler is None:
+            scheduler = FaceDiffScheduler.from_pretrained(
+                pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs
+            )
+        pipeline = cls(unet=unet, scheduler=scheduler)
+        pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipeline
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """
+        Save the weights (safetensors), `model_index.json`, the scheduler config and this module with its scheduler
+        as remote code, so that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` works without
+        facediff installed.
+
+        The folder is written whole into a staging folder first and then moved into place, so a crash never leaves
+        a half-written pipeline behind; files in `save_directory` that the pipeline does not own are kept.
+
+        Args:
+            save_directory (`str` or `os.PathLike`):
+                The folder to write; created if missing.
+            push_to_hub (`bool`, defaults to `False`):
+                Also upload the saved pipeline with [`~DiffusionPipeline.push_to_hub`]; `repo_id` defaults to the
+                folder's name.
+            kwargs:
+                Passed to [`~DiffusionPipeline.save_pretrained`] (`safe_serialization`, `variant`, ...) or, with
+                `push_to_hub`, to `push_to_hub` (`repo_id`, `private`, `token`, `commit_message`, ...).
+        """
+        hub_kwargs = {
+            name: kwargs.pop(name)
+            for name in ("repo_id", "private", "token", "commit_message", "create_pr")
+            if name in kwargs
+        }
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".facediff-staging-", dir=save_directory))
+        try:
+            super().save_pretrained(staging, **kwargs)
+            self._write_remote_code(staging)
+            _move_entries_into_place(staging, save_directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", save_directory.resolve().name)
+            self.push_to_hub(repo_id, **hub_kwargs, **kwargs)
+
+    @staticmethod
+    def _write_remote_code(folder: Path):
+        """Copy this module and the scheduler's into `folder` and point `model_index.json` at them."""
+        pipeline_source = Path(__file__)
+        scheduler_source = Path(__file__).with_name("scheduling_facediff.py")
+        shutil.copyfile(pipeline_source, folder / pipeline_source.name)
+        # Twice for the scheduler: beside the pipeline for its relative import, and in scheduler/ where diffusers
+        # looks for a component's own code.
+        shutil.copyfile(scheduler_source, folder / scheduler_source.name)
+        shutil.copyfile(scheduler_source, folder / "scheduler" / scheduler_source.name)
+
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [pipeline_source.stem, FaceDiffPipeline.__name__]
+        index["scheduler"] = [scheduler_source.stem, FaceDiffScheduler.__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _check_model_index(index: dict, location) -> None:
+    """Refuse a model_index.json that does not describe a FaceDiffPipeline, naming the file and what is wrong."""
+    expected = {"_class_name": "FaceDiffPipeline", "unet": "UNet2DModel", "scheduler": "FaceDiffScheduler"}
+    for key, class_name in expected.items():
+        entry = index.get(key)
+        found = entry[-1] if isinstance(entry, (list, tuple)) and entry else entry
+        if found != class_name:
+            raise ValueError(
+                f"{location}/model_index.json names {key}={entry!r}, but a FaceDiffPipeline needs {class_name}: "
+                "load this folder with the pipeline class it was saved from."
+            )
+
+
+def _move_entries_into_place(staging: Path, target: Path) -> None:
+    """
+    Move every entry of `staging` into `target`, replacing entries of the same name and keeping the others.
+
+    model_index.json goes first out and last in, so that at no moment does `target` look like a loadable pipeline
+    made of old and new parts; the replaced entries are deleted only once everything new is in place.
+    """
+    backup = target / f".facediff-replaced-{uuid.uuid4().hex}"
+    backup.mkdir()
+    names = sorted(entry.name for entry in staging.iterdir())
+    names.sort(key=lambda name: name == "model_index.json")
+    if (target / "model_index.json").exists():
+        os.replace(target / "model_index.json", backup / "model_index.json")
+    for name in names:
+        if (target / name).exists():
+            os.replace(target / name, backup / name)
+        os.replace(staging / name, target / name)
+    shutil.rmtree(backup)
