@@ -1,0 +1,240 @@
+"""FaceDiffPipeline: sampling, output types, saving and every way of loading it back."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
+from PIL import Image
+
+from facediff import FaceDiffPipeline, FaceDiffScheduler
+
+from .conftest import lay_out_as_hub_cache
+
+STEPS = 8
+
+
+def sample(pipeline, seed=0, batch_size=2, **kwargs):
+    kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("output_type", "np")
+    return pipeline(batch_size=batch_size, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def test_same_seed_same_images_other_seed_other_images(gray_pipeline):
+    first, again, other = sample(gray_pipeline, 0), sample(gray_pipeline, 0), sample(gray_pipeline, 1)
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).mean() > 0.05
+
+
+def test_matches_diffusers_ddpm_pipeline_on_the_full_chain(gray_pipeline):
+    """Same UNet, same seed: diffusers' own DDPMPipeline with the equivalent DDPMScheduler draws the same images."""
+    gray_pipeline.unet.config.sample_size = 8  # a smaller canvas keeps 1000 UNet calls fast
+    ours = sample(gray_pipeline, num_inference_steps=None, batch_size=1)
+    reference = DDPMPipeline(
+        unet=gray_pipeline.unet, scheduler=DDPMScheduler(variance_type="fixed_large", clip_sample=False)
+    )
+    theirs = reference(
+        batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=1000, output_type="np"
+    )
+    np.testing.assert_allclose(ours, theirs.images, atol=2e-3)
+
+
+def test_one_generator_per_image_gives_each_image_alone(rgb_pipeline):
+    batch = rgb_pipeline(
+        batch_size=3,
+        generator=[torch.Generator().manual_seed(seed) for seed in (5, 6, 7)],
+        num_inference_steps=STEPS,
+        output_type="np",
+    ).images
+    for index, seed in enumerate((5, 6, 7)):
+        alone = sample(rgb_pipeline, seed, batch_size=1)
+        np.testing.assert_allclose(batch[index], alone[0], atol=1e-4)  # batched convolutions round differently
+
+
+def test_wrong_number_of_generators_is_refused(gray_pipeline):
+    with pytest.raises(ValueError, match="one per image"):
+        gray_pipeline(batch_size=3, generator=[torch.Generator()] * 2, num_inference_steps=2)
+
+
+@pytest.mark.parametrize("fixture,mode,channels", [("gray_pipeline", "L", 1), ("rgb_pipeline", "RGB", 3)])
+def test_output_types(fixture, mode, channels, request):
+    pipeline = request.getfixturevalue(fixture)
+    pil = sample(pipeline, output_type="pil")
+    array = sample(pipeline, output_type="np")
+    tensor = sample(pipeline, output_type="pt")
+    assert [image.mode for image in pil] == [mode, mode] and pil[0].size == (16, 16)
+    assert array.shape == (2, 16, 16, channels) and array.min() >= 0 and array.max() <= 1
+    assert tensor.shape == (2, channels, 16, 16) and isinstance(tensor, torch.Tensor)
+    np.testing.assert_allclose(tensor.permute(0, 2, 3, 1).numpy(), array, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pil[1]).reshape(16, 16, channels), np.round(array[1] * 255), atol=1)
+
+
+def test_unknown_output_type_is_refused(gray_pipeline):
+    with pytest.raises(ValueError, match="output_type"):
+        gray_pipeline(num_inference_steps=1, output_type="jpeg")
+
+
+def test_runs_in_the_unets_dtype(gray_pipeline):
+    gray_pipeline.to(torch.bfloat16)
+    images = sample(gray_pipeline, output_type="pt")
+    assert images.dtype == torch.bfloat16
+
+
+def test_default_runs_the_full_chain(gray_pipeline):
+    gray_pipeline.unet.config.sample_size = 8
+    gray_pipeline(num_inference_steps=None, output_type="np")
+    assert len(gray_pipeline.scheduler.timesteps) == 1000
+
+
+def test_save_and_load_round_trip(gray_pipeline, tmp_path):
+    gray_pipeline.scheduler = FaceDiffScheduler(beta_end=0.015, prediction_type="v_prediction")
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    files = sorted(str(path.relative_to(tmp_path / "model")) for path in (tmp_path / "model").rglob("*"))
+    assert files == [
+        "model_index.json",
+        "pipeline_facediff.py",
+        "scheduler",
+        "scheduler/scheduler_config.json",
+        "scheduler/scheduling_facediff.py",
+        "scheduling_facediff.py",
+        "unet",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    ]
+    loaded = FaceDiffPipeline.from_pretrained(tmp_path / "model")
+    assert type(loaded) is FaceDiffPipeline and type(loaded.scheduler) is FaceDiffScheduler
+    assert loaded.scheduler.config.prediction_type == "v_prediction" and loaded.scheduler.config.beta_end == 0.015
+    np.testing.assert_array_equal(sample(loaded), sample(gray_pipeline))
+
+
+def test_saved_remote_code_is_the_package_source(gray_pipeline, tmp_path):
+    import facediff.pipelines.pipeline_facediff as pipeline_module
+    import facediff.pipelines.scheduling_facediff as scheduler_module
+
+    gray_pipeline.save_pretrained(tmp_path)
+    pipeline_source = open(pipeline_module.__file__).read()
+    scheduler_source = open(scheduler_module.__file__).read()
+    assert (tmp_path / "pipeline_facediff.py").read_text() == pipeline_source
+    assert (tmp_path / "scheduling_facediff.py").read_text() == scheduler_source
+    assert (tmp_path / "scheduler" / "scheduling_facediff.py").read_text() == scheduler_source
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_facediff", "FaceDiffPipeline"]
+    assert index["scheduler"] == ["scheduling_facediff", "FaceDiffScheduler"]
+    assert index["unet"] == ["diffusers", "UNet2DModel"]
+
+
+def test_save_keeps_other_files_and_replaces_the_old_pipeline(gray_pipeline, rgb_pipeline, tmp_path):
+    (tmp_path / "checkpoint-100").mkdir()
+    (tmp_path / "checkpoint-100" / "state.bin").write_bytes(b"keep me")
+    (tmp_path / "logs.txt").write_text("keep me too")
+    rgb_pipeline.save_pretrained(tmp_path)
+    gray_pipeline.save_pretrained(tmp_path)
+    assert (tmp_path / "checkpoint-100" / "state.bin").read_bytes() == b"keep me"
+    assert (tmp_path / "logs.txt").read_text() == "keep me too"
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".facediff")]
+    assert FaceDiffPipeline.from_pretrained(tmp_path).unet.config.in_channels == 1
+
+
+def test_failed_save_leaves_the_previous_pipeline_intact(gray_pipeline, rgb_pipeline, tmp_path, monkeypatch):
+    gray_pipeline.save_pretrained(tmp_path)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(rgb_pipeline.unet), "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        rgb_pipeline.save_pretrained(tmp_path)
+    after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    assert after == before
+
+
+def test_plain_diffusers_refuses_the_folder_without_trust_remote_code(gray_pipeline, tmp_path):
+    gray_pipeline.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_pickle_weights_are_refused_by_default(gray_pipeline, tmp_path):
+    gray_pipeline.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").exists()
+    with pytest.raises(EnvironmentError, match="safetensors"):
+        FaceDiffPipeline.from_pretrained(tmp_path)
+    FaceDiffPipeline.from_pretrained(tmp_path, use_safetensors=False)
+
+
+def test_model_index_naming_another_pipeline_is_refused(gray_pipeline, tmp_path):
+    gray_pipeline.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model_index.json names scheduler=.*DDIMScheduler.*FaceDiffScheduler"):
+        FaceDiffPipeline.from_pretrained(tmp_path)
+
+
+def test_loads_a_hub_repo_id_from_the_hub_cache(gray_pipeline, tmp_path):
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    lay_out_as_hub_cache(tmp_path / "model", tmp_path / "hub", "someone/faces")
+    loaded = FaceDiffPipeline.from_pretrained("someone/faces", cache_dir=tmp_path / "hub")
+    assert loaded.name_or_path == "someone/faces"
+    np.testing.assert_array_equal(sample(loaded), sample(gray_pipeline))
+
+
+REMOTE_LOAD = textwrap.dedent(
+    """
+    import sys
+    sys.modules["facediff"] = None  # any `import facediff` now fails, as where it is not installed
+    try:
+        import facediff  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("facediff is importable")
+    import numpy as np, torch
+    from diffusers import DiffusionPipeline
+    pipeline = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+    print(type(pipeline).__name__, type(pipeline.scheduler).__name__)
+    images = pipeline(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=8, output_type="np")
+    np.save(sys.argv[2], images.images)
+    """
+)
+
+
+def run_without_facediff(tmp_path, model: str, env: dict | None = None) -> np.ndarray:
+    script = tmp_path / "remote_load.py"
+    script.write_text(REMOTE_LOAD)
+    result = subprocess.run(
+        [sys.executable, str(script), model, str(tmp_path / "images.npy")],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FaceDiffPipeline FaceDiffScheduler" in result.stdout
+    return np.load(tmp_path / "images.npy")
+
+
+def test_plain_diffusers_loads_the_folder_as_remote_code_without_facediff(gray_pipeline, tmp_path):
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    images = run_without_facediff(tmp_path, str(tmp_path / "model"))
+    np.testing.assert_array_equal(images, sample(gray_pipeline))
+
+
+def test_plain_diffusers_loads_a_hub_repo_id_as_remote_code_without_facediff(gray_pipeline, tmp_path):
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    lay_out_as_hub_cache(tmp_path / "model", tmp_path / "hub", "someone/faces")
+    images = run_without_facediff(tmp_path, "someone/faces", env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    np.testing.assert_array_equal(images, sample(gray_pipeline))
+
+
+def test_pil_images_save_as_png(gray_pipeline, tmp_path):
+    image = sample(gray_pipeline, output_type="pil")[0]
+    image.save(tmp_path / "face.png")
+    assert Image.open(tmp_path / "face.png").mode == "L"
