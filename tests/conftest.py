@@ -3,6 +3,8 @@ import os
 # The Hub is unreachable from the test machines: everything must come from local folders or the Hub cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Decoded datasets and the built-in digits are cached per test session, not in the user's cache.
+os.environ.setdefault("HF_DATASETS_CACHE", __import__("tempfile").mkdtemp(prefix="facediff-datasets-"))
 
 import hashlib  # noqa: E402
 import shutil  # noqa: E402
@@ -18,6 +20,11 @@ from facediff import FaceDiffPipeline, FaceDiffScheduler, build_unet  # noqa: E4
 def isolated_module_cache(tmp_path_factory, monkeypatch):
     """Remote code is copied into HF_MODULES_CACHE; keep each test's copy out of the user's cache."""
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
+
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+OLIVETTI = SHARED_DATASETS / "olivetti-faces" / "train"
+UTKFACE = SHARED_DATASETS / "utkface-crop" / "train"
 
 
 @pytest.fixture

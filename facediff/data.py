@@ -1,0 +1,239 @@
+"""Training images: from an image folder, a Hub or saved dataset, or the built-in digits, to uint8 arrays.
+
+Decoding and resizing happen once, in `datasets.Dataset.map` (several processes, cached on disk by `datasets`), so
+an epoch afterwards reads small arrays and the data path never holds the training step back. Bad files are found
+in that same pass and reported before training starts.
+"""
+
+import io
+import logging
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+from PIL import Image, ImageOps
+
+from .training_args import TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+IMAGE_EXTENSIONS = {ext.lower() for ext in datasets.packaged_modules.imagefolder.ImageFolder.EXTENSIONS}
+PIXELS = "pixel_values"
+
+
+def load_raw_dataset(args: TrainingArguments) -> tuple[datasets.Dataset, str]:
+    """
+    The training split with its image column left undecoded, and that column's name.
+
+    Args:
+        args (`TrainingArguments`):
+            `train_data_dir`, `dataset_name` (neither: the built-in digits), `image_column`, `cache_dir`.
+
+    Returns:
+        `tuple[datasets.Dataset, str]`
+    """
+    if args.train_data_dir is not None:
+        dataset = datasets.load_dataset(
+            "imagefolder", data_dir=_checked_image_folder(args.train_data_dir), cache_dir=args.cache_dir
+        )
+    elif args.dataset_name is not None and os.path.isdir(args.dataset_name):
+        dataset = datasets.load_from_disk(args.dataset_name)
+    elif args.dataset_name is not None:
+        dataset = datasets.load_dataset(args.dataset_name, cache_dir=args.cache_dir)
+    else:
+        from .digits import digits_image_folder
+
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(digits_image_folder()), cache_dir=args.cache_dir)
+
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise ValueError(f"{_source(args)} has no 'train' split (it has {', '.join(dataset)}): save or pass one.")
+        dataset = dataset["train"]
+    image_column = _image_column(dataset, args)
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if len(dataset) == 0:
+        raise ValueError(f"{_source(args)} holds no images: point the flag at a dataset with a train split of images.")
+    if args.max_train_samples is not None and args.max_train_samples < len(dataset):
+        dataset = dataset.shuffle(seed=args.seed).select(range(args.max_train_samples))
+    return dataset, image_column
+
+
+def detect_channels(dataset: datasets.Dataset, image_column: str) -> int:
+    """1 when every image is grayscale (read from the file headers only), else 3."""
+    for item in dataset[image_column]:
+        try:
+            with _open(item) as image:
+                if image.mode not in GRAY_MODES and not _is_gray_palette(image):
+                    return 3
+        except Exception:  # unreadable files are reported by preprocess_images, with their names
+            continue
+    return 1
+
+
+def preprocess_images(
+    dataset: datasets.Dataset, image_column: str, channels: int, args: TrainingArguments
+) -> datasets.Dataset:
+    """
+    Decode, convert, resize and crop every image once; drop unreadable ones with a warning that counts them.
+
+    Args:
+        dataset (`datasets.Dataset`):
+            From `load_raw_dataset`.
+        image_column (`str`):
+            The undecoded image column.
+        channels (`int`):
+            1 or 3.
+        args (`TrainingArguments`):
+            `resolution`, `center_crop`, `seed`, `preprocessing_num_workers`.
+
+    Returns:
+        `datasets.Dataset`: one column, `pixel_values`, uint8 of shape (channels, resolution, resolution).
+    """
+    resolution = args.effective_resolution
+    features = datasets.Features(
+        {
+            PIXELS: datasets.Array3D(shape=(channels, resolution, resolution), dtype="uint8"),
+            "error": datasets.Value("string"),
+        }
+    )
+    num_proc = args.preprocessing_num_workers or min(4, os.cpu_count() or 1)
+    processed = dataset.map(
+        _preprocess_batch,
+        batched=True,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        features=features,
+        num_proc=num_proc if len(dataset) >= 1000 else None,
+        fn_kwargs={
+            "image_column": image_column,
+            "channels": channels,
+            "resolution": resolution,
+            "center_crop": args.center_crop,
+            "seed": args.seed,
+        },
+        desc="Decoding and resizing images",
+    )
+    errors = [error for error in processed["error"] if error]
+    if len(errors) == len(processed):
+        raise ValueError(f"None of the {len(errors)} images could be read, e.g. {errors[0]}.")
+    if errors:
+        shown = "; ".join(errors[:5]) + ("; ..." if len(errors) > 5 else "")
+        logger.warning("Skipping %d of %d images that could not be read: %s", len(errors), len(processed), shown)
+        processed = processed.filter(lambda error: not error, input_columns="error")
+    return processed.remove_columns("error").with_format("torch")
+
+
+def to_pixels(image: Image.Image, channels: int, resolution: int, crop_offset: float | None = None) -> np.ndarray:
+    """
+    One image as a uint8 array of shape (channels, resolution, resolution).
+
+    Every PIL mode converts: 16- and 32-bit grayscale are scaled (not clipped) to 8 bits, transparency is composited
+    onto white, palette and CMYK images go through RGB; RGB becomes gray by ITU-R 601 luma. The shorter side is
+    cropped to a square, then resized to `resolution`: centred, or at `crop_offset` (0 to 1) along it.
+
+    Args:
+        image (`PIL.Image.Image`):
+            The decoded image.
+        channels (`int`):
+            1 or 3.
+        resolution (`int`):
+            Output side.
+        crop_offset (`float`, *optional*):
+            Where the crop window starts along the longer side, as a fraction of the slack; `None` centres it.
+
+    Returns:
+        `np.ndarray`
+    """
+    image = _to_mode(image, "L" if channels == 1 else "RGB")
+    centering = (0.5, 0.5) if crop_offset is None else (crop_offset, crop_offset)
+    image = ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC, centering=centering)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def _preprocess_batch(batch, indices, image_column, channels, resolution, center_crop, seed):
+    pixels, errors = [], []
+    for item, index in zip(batch[image_column], indices, strict=True):
+        try:
+            with _open(item) as image:
+                if image.format == "JPEG":
+                    image.draft(image.mode, (resolution, resolution))  # decode at a reduced scale: much faster
+                image.load()
+                crop_offset = None if center_crop else float(np.random.default_rng([seed, index]).random())
+                pixels.append(to_pixels(image, channels, resolution, crop_offset))
+                errors.append("")
+        except Exception as error:
+            pixels.append(np.zeros((channels, resolution, resolution), dtype=np.uint8))
+            errors.append(f"{item.get('path') or f'image {index}'} ({type(error).__name__}: {error})")
+    return {PIXELS: pixels, "error": errors}
+
+
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" and values.max() <= 1.0 else (255.0 if values.max() <= 255 else 65535.0)
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("LA", "RGBA", "PA"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    if image.mode != mode:
+        image = image.convert(mode)
+    return image
+
+
+def _is_gray_palette(image: Image.Image) -> bool:
+    if image.mode != "P":
+        return False
+    colours = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    return bool((colours == colours[:, :1]).all())
+
+
+def _open(item: dict) -> Image.Image:
+    if item.get("bytes"):
+        return Image.open(io.BytesIO(item["bytes"]))
+    return Image.open(item["path"])
+
+
+def _image_column(dataset: datasets.Dataset, args: TrainingArguments) -> str:
+    image_columns = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
+    if args.image_column is not None:
+        if args.image_column not in dataset.column_names:
+            raise ValueError(
+                f"--image_column {args.image_column!r} is not a column of {_source(args)}; "
+                f"its columns are {', '.join(dataset.column_names)}."
+            )
+        return args.image_column
+    if not image_columns:
+        raise ValueError(
+            f"{_source(args)} has no Image column (columns: {', '.join(dataset.column_names)}): "
+            "name the one holding images with --image_column."
+        )
+    return image_columns[0]
+
+
+def _checked_image_folder(folder: str) -> str:
+    path = Path(folder)
+    if not path.exists():
+        raise ValueError(f"--train_data_dir {folder} does not exist: pass a folder of images.")
+    if not path.is_dir():
+        raise ValueError(f"--train_data_dir {folder} is a file, not a folder: pass the folder that holds the images.")
+    if not any(entry.is_file() for entry in path.rglob("*")):
+        raise ValueError(f"--train_data_dir {folder} is empty: put images in it (subfolders are searched too).")
+    if not any(entry.suffix.lower() in IMAGE_EXTENSIONS for entry in path.rglob("*") if entry.is_file()):
+        raise ValueError(
+            f"--train_data_dir {folder} holds no images (searched recursively for .png, .jpg, .jpeg, .webp, ...)."
+        )
+    return str(path)
+
+
+def _source(args: TrainingArguments) -> str:
+    if args.train_data_dir is not None:
+        return f"--train_data_dir {args.train_data_dir}"
+    if args.dataset_name is not None:
+        return f"--dataset_name {args.dataset_name}"
+    return "the built-in digits dataset"

@@ -1,0 +1,89 @@
+"""Sample grids during and after training: a fixed seed, so grids from different steps are comparable."""
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+from PIL import Image
+
+from .pipelines import FaceDiffPipeline, FaceDiffScheduler
+
+
+def sample_images(
+    unet: UNet2DModel,
+    scheduler: FaceDiffScheduler,
+    num_images: int,
+    num_inference_steps: int,
+    seed: int,
+    ema: EMAModel | None = None,
+) -> list[Image.Image]:
+    """
+    Draw images with the EMA weights when given, leaving `unet`'s own weights and training mode as they were.
+
+    Args:
+        unet (`UNet2DModel`):
+            The (unwrapped) model being trained.
+        scheduler (`FaceDiffScheduler`):
+            The training scheduler; sampling uses a copy, so its state is untouched.
+        num_images (`int`):
+            How many images.
+        num_inference_steps (`int`):
+            Respaced sampling steps.
+        seed (`int`):
+            Seed of the sampling generator (the global RNG is not touched, so resuming stays exact).
+        ema (`EMAModel`, *optional*):
+            Averaged weights to sample with.
+
+    Returns:
+        `list[PIL.Image.Image]`
+    """
+    was_training = unet.training
+    unet.eval()
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+    try:
+        pipeline = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler.from_config(scheduler.config))
+        pipeline.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return pipeline(batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps).images
+    finally:
+        if ema is not None:
+            ema.restore(unet.parameters())
+        unet.train(was_training)
+
+
+def save_grid(images: list[Image.Image], path: str | os.PathLike) -> Path:
+    """
+    Save images as one near-square grid PNG, atomically.
+
+    Args:
+        images (`list[PIL.Image.Image]`):
+            The images, all the same size.
+        path (`str` or `os.PathLike`):
+            Where the PNG goes.
+
+    Returns:
+        `Path`
+    """
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    padded = images + [Image.new(images[0].mode, images[0].size)] * (rows * cols - len(images))
+    grid = make_image_grid(padded, rows=rows, cols=cols)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    grid.save(partial, format="PNG")
+    os.replace(partial, path)
+    return path
+
+
+def as_array(images: list[Image.Image]) -> np.ndarray:
+    """Images as one uint8 array (N, H, W, C), as trackers want them."""
+    arrays = [np.asarray(image) for image in images]
+    return np.stack([array[..., None] if array.ndim == 2 else array for array in arrays])

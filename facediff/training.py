@@ -1,0 +1,388 @@
+"""The training loop: the document's algorithm (draw t, draw z, form x_t by (3), regress the model on z) under
+Accelerate, over every step t = 0..T-1, with EMA, checkpoints that resume exactly, and sample grids."""
+
+import copy
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+
+from . import checkpointing, data
+from .model_card import write_model_card
+from .output_dir import check_output_dir, write_json
+from .pipelines import FaceDiffPipeline, FaceDiffScheduler
+from .sample_grids import as_array, sample_images, save_grid
+from .training_args import TrainingArguments
+from .unet_presets import build_unet
+
+logger = get_logger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the weights were not updated with it."""
+
+
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    global_step: int
+    final_loss: float
+    wall_time_s: float
+    unet: UNet2DModel  # this process's trained weights (not the EMA), unwrapped
+
+
+def train(args: TrainingArguments) -> TrainingResult:
+    """
+    Train a UNet2DModel as a DDPM noise predictor and save a `FaceDiffPipeline` into `args.output_dir`.
+
+    Args:
+        args (`TrainingArguments`):
+            The run's settings.
+
+    Returns:
+        `TrainingResult`
+    """
+    started = time.monotonic()
+    output_dir = Path(args.output_dir)
+    accelerator = _make_accelerator(args, output_dir)
+    check_output_dir(args, output_dir, is_main_process=accelerator.is_main_process)
+    set_seed(args.seed, device_specific=True)
+
+    with accelerator.main_process_first():
+        raw_dataset, image_column = data.load_raw_dataset(args)
+        channels = args.num_channels or data.detect_channels(raw_dataset, image_column)
+        train_dataset = data.preprocess_images(raw_dataset, image_column, channels, args)
+    if len(train_dataset) < args.train_batch_size:
+        raise ValueError(
+            f"Only {len(train_dataset)} usable images for a batch of {args.train_batch_size}: "
+            "lower --train_batch_size or add images."
+        )
+    if args.train_batch_size % accelerator.num_processes:
+        raise ValueError(
+            f"--train_batch_size {args.train_batch_size} is the global batch and must split evenly between "
+            f"{accelerator.num_processes} processes."
+        )
+    dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+        # Its own generator: starting an epoch must not draw from the global RNG, or a resumed run would drift.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+    unet = _build_model(args, channels)
+    noise_scheduler = FaceDiffScheduler(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+    )
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    # Stepped by hand once per optimizer step, so its position means the same whatever the number of processes.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
+    )
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(
+            unet.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power,
+            model_cls=UNet2DModel,
+            model_config=unet.config,
+        )
+        ema.to(accelerator.device)
+
+    unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    global_step = _resume(args, accelerator, output_dir)
+    # An epoch's last optimizer step may accumulate fewer batches, so place the resume point by steps, not batches.
+    first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
+    batches_to_skip = steps_into_epoch * args.gradient_accumulation_steps
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("facediff", config=_loggable(args))
+    logger.info(
+        f"Training on {len(train_dataset)} images ({channels} channel(s), {args.effective_resolution}px), "
+        f"{max_train_steps} steps of {args.train_batch_size} images on {accelerator.num_processes} process(es)"
+    )
+    progress = tqdm(
+        total=max_train_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
+    )
+    running_loss, window_start, window_images = None, time.monotonic(), 0
+    for epoch in range(first_epoch, num_epochs):
+        dataloader.set_epoch(epoch)
+        batches = dataloader
+        if epoch == first_epoch and batches_to_skip:
+            batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
+        for batch in batches:
+            with accelerator.accumulate(unet):
+                loss = _diffusion_loss(unet, noise_scheduler, batch[data.PIXELS], args)
+                losses = accelerator.gather(loss.detach()[None])
+                if not torch.isfinite(losses).all():
+                    raise NonFiniteLossError(_non_finite_message(global_step + 1, losses, output_dir))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_images += args.train_batch_size
+            if not accelerator.sync_gradients:
+                continue
+
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(unet.parameters())
+            global_step += 1
+            mean_loss = losses.mean().item()
+            running_loss = mean_loss if running_loss is None else 0.98 * running_loss + 0.02 * mean_loss
+            images_per_second = window_images / max(time.monotonic() - window_start, 1e-9)
+            logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
+            accelerator.log(logs, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{running_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}")
+
+            if global_step % args.checkpointing_steps == 0 and global_step < max_train_steps:
+                saved = checkpointing.save_checkpoint(
+                    accelerator, output_dir, global_step, args.checkpoints_total_limit
+                )
+                logger.info(f"Saved checkpoint {saved}")
+            if global_step % args.save_images_steps == 0 and global_step < max_train_steps:
+                _save_samples(args, accelerator, unet, noise_scheduler, ema, output_dir, global_step)
+            if global_step % 50 == 0:
+                window_start, window_images = time.monotonic(), 0
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    wall_time = time.monotonic() - started
+    if accelerator.is_main_process:
+        _save_final(
+            args,
+            accelerator,
+            unet,
+            noise_scheduler,
+            ema,
+            output_dir,
+            global_step,
+            channels,
+            len(train_dataset),
+            wall_time,
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    final_loss = running_loss if running_loss is not None else math.nan
+    return TrainingResult(output_dir, global_step, final_loss, wall_time, accelerator.unwrap_model(unet))
+
+
+def _diffusion_loss(unet, scheduler: FaceDiffScheduler, pixels: torch.Tensor, args: TrainingArguments) -> torch.Tensor:
+    """The document's training objective at t drawn uniformly from all T steps (t = 0 included)."""
+    clean = pixels.float().div(127.5).sub(1.0)
+    if args.random_flip:
+        flip = torch.rand(clean.shape[0], device=clean.device) < 0.5
+        clean = torch.where(flip[:, None, None, None], clean.flip(-1), clean)
+    noise = torch.randn_like(clean)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    if args.prediction_type == "epsilon":
+        target = noise
+    elif args.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(clean, noise, timesteps)
+    else:
+        target = clean
+
+    prediction = unet(noisy, timesteps).sample
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if args.snr_gamma is not None:
+        snr = compute_snr(scheduler, timesteps)
+        clipped = torch.clamp(snr, max=args.snr_gamma)
+        weights = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}
+        loss = loss * weights[args.prediction_type]
+    return loss.mean()
+
+
+def _make_accelerator(args: TrainingArguments, output_dir: Path) -> Accelerator:
+    # accelerate only starts a multi-process CPU group (gloo) when told it runs on CPU.
+    launched_many = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=launched_many and not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.logger,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line of ours per checkpoint, not six
+    return accelerator
+
+
+def _build_model(args: TrainingArguments, channels: int) -> UNet2DModel:
+    if args.model_config_name_or_path is None:
+        return build_unet(args.model_preset, args.effective_resolution, channels)
+    config = UNet2DModel.load_config(args.model_config_name_or_path)
+    if config.get("in_channels") != channels or config.get("out_channels") != channels:
+        raise ValueError(
+            f"--model_config_name_or_path {args.model_config_name_or_path} takes {config.get('in_channels')} "
+            f"channel(s) but the data has {channels}: pass --num_channels {config.get('in_channels')} "
+            "or fix the config."
+        )
+    config["sample_size"] = args.effective_resolution
+    return UNet2DModel.from_config(config)
+
+
+def _resume(args: TrainingArguments, accelerator: Accelerator, output_dir: Path) -> int:
+    if args.resume_from_checkpoint is None:
+        return 0
+    checkpoint = checkpointing.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if checkpoint is None:
+        logger.info(f"No checkpoint in {output_dir} yet: starting from step 0")
+        return 0
+    accelerator.load_state(str(checkpoint))
+    step = checkpointing.checkpoint_step(checkpoint)
+    logger.info(f"Resumed from {checkpoint} at step {step}")
+    return step
+
+
+def _non_finite_message(step: int, losses: torch.Tensor, output_dir: Path) -> str:
+    checkpoints = checkpointing.list_checkpoints(output_dir)
+    kept = (
+        f"the last good checkpoint, {checkpoints[-1]}, is kept: resume from it with "
+        "--resume_from_checkpoint latest and a lower --learning_rate (or --mixed_precision no)"
+        if checkpoints
+        else "no checkpoint was written yet: restart with a lower --learning_rate (or --mixed_precision no)"
+    )
+    return (
+        f"The loss became {losses.tolist()} at step {step}; training stopped before updating the weights, and {kept}."
+    )
+
+
+def _save_samples(args, accelerator, unet, scheduler, ema, output_dir: Path, global_step: int):
+    if accelerator.is_main_process:
+        images = sample_images(
+            accelerator.unwrap_model(unet), scheduler, args.eval_batch_size, args.num_inference_steps, args.seed, ema
+        )
+        save_grid(images, output_dir / "samples" / f"step-{global_step:06d}.png")
+        _log_images(accelerator, images, global_step)
+    accelerator.wait_for_everyone()
+
+
+def _log_images(accelerator: Accelerator, images, global_step: int):
+    if accelerator.trackers and accelerator.trackers[0].name == "tensorboard":
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_images("samples", as_array(images), global_step, dataformats="NHWC")
+    elif accelerator.trackers and accelerator.trackers[0].name == "wandb":
+        import wandb
+
+        accelerator.get_tracker("wandb").log({"samples": [wandb.Image(image) for image in images]}, step=global_step)
+
+
+def _save_final(
+    args, accelerator, unet, scheduler, ema, output_dir: Path, global_step, channels, num_images, wall_time
+):
+    unet = accelerator.unwrap_model(unet)
+    images = sample_images(unet, scheduler, args.eval_batch_size, args.num_inference_steps, args.seed, ema)
+    grid = save_grid(images, output_dir / "sample_grid.png")
+    _log_images(accelerator, images, global_step)
+    if ema is not None:
+        unet = copy.deepcopy(unet)
+        ema.copy_to(unet.parameters())
+    pipeline = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler.from_config(scheduler.config))
+    pipeline.save_pretrained(output_dir)
+    write_json(output_dir / "training_args.json", args.to_dict())
+    facts = _card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time)
+    write_model_card({**facts, "sample_grid": grid.name}, output_dir)
+    logger.info(
+        f"Saved the pipeline{' (EMA weights)' if ema is not None else ''}, its model card and sample grid "
+        f"({grid}) in {output_dir}; logs in {output_dir / args.logging_dir}"
+    )
+
+
+def _card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time) -> dict:
+    config = scheduler.config
+    if config.beta_schedule == "linear":
+        beta_description = f"betas linear from {config.beta_start:g} to {config.beta_end:g}"
+    else:
+        beta_description = "the cosine schedule of Nichol & Dhariwal (2021)"
+    if args.train_data_dir is not None:
+        dataset_description = f"the image folder `{Path(args.train_data_dir).name}`"
+    elif args.dataset_name is not None:
+        dataset_description = f"the dataset `{args.dataset_name}`"
+    else:
+        dataset_description = "scikit-learn's handwritten digits (1,797 8x8 images, UCI ML hand-written digits)"
+    if accelerator.device.type == "cuda":
+        hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name(accelerator.device)}"
+    else:
+        hardware = f"{accelerator.num_processes} CPU process(es), {platform.processor() or platform.machine()}"
+    minutes = wall_time / 60
+    return {
+        "model_name": Path(args.output_dir).resolve().name,
+        "repo_id": args.hub_model_id or Path(args.output_dir).resolve().name,
+        "dataset_description": dataset_description,
+        "dataset_id": args.dataset_name if args.dataset_name and not Path(args.dataset_name).exists() else None,
+        "num_images": num_images,
+        "resolution": args.effective_resolution,
+        "channels": channels,
+        "random_flip": args.random_flip,
+        "model_preset": None if args.model_config_name_or_path else args.model_preset,
+        "num_parameters": f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M",
+        "num_train_timesteps": config.num_train_timesteps,
+        "beta_description": beta_description,
+        "prediction_description": {
+            "epsilon": "the added noise (epsilon)",
+            "v_prediction": "the velocity v",
+            "sample": "the clean image x_0",
+        }[config.prediction_type],
+        "variance_description": "sqrt(beta_t)",
+        "global_step": global_step,
+        "total_batch_size": args.train_batch_size * args.gradient_accumulation_steps,
+        "learning_rate": f"{args.learning_rate:g}",
+        "lr_scheduler": args.lr_scheduler,
+        "lr_warmup_steps": args.lr_warmup_steps,
+        "snr_gamma": args.snr_gamma,
+        "use_ema": args.use_ema,
+        "ema_max_decay": args.ema_max_decay,
+        "mixed_precision": accelerator.mixed_precision if accelerator.mixed_precision != "no" else "float32",
+        "hardware": hardware,
+        "wall_time": f"{minutes:.1f} minutes" if minutes < 120 else f"{minutes / 60:.1f} hours",
+        "sample_grid_caption": f"{args.eval_batch_size} samples, seed {args.seed}, "
+        f"{args.num_inference_steps} respaced steps.",
+    }
+
+
+def _loggable(args: TrainingArguments) -> dict:
+    """Tracker configs take scalars and strings only."""
+    return {key: value for key, value in args.to_dict().items() if isinstance(value, (int, float, str, bool))}

@@ -1,0 +1,160 @@
+"""Every training option, defined once: `HfArgumentParser` turns it into command-line flags and reads YAML/JSON files.
+
+Flag names follow diffusers' `examples/unconditional_image_generation/train_unconditional.py` where they overlap.
+"""
+
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from transformers import HfArgumentParser
+
+from .unet_presets import UNET_PRESETS, unet_config
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainingArguments:
+    # Data
+    dataset_name: str | None = _help(
+        "A Hub dataset id, or a folder written by `datasets.Dataset.save_to_disk`. With neither this nor "
+        "--train_data_dir, trains on scikit-learn's bundled handwritten digits.",
+        default=None,
+    )
+    train_data_dir: str | None = _help(
+        "A folder of images, read recursively as a `datasets` image folder.", default=None
+    )
+    image_column: str | None = _help("The image column; default: the dataset's first Image feature.", default=None)
+    resolution: int | None = _help("Training resolution; default: 16 for the built-in digits, else 64.", default=None)
+    center_crop: bool = _help("Center-crop to a square; default: a random crop, drawn once per image.", default=False)
+    random_flip: bool = _help("Flip images horizontally at random, independently at every step.", default=False)
+    num_channels: int | None = _help("1 or 3; default: 1 when every image is grayscale, else 3.", default=None)
+    max_train_samples: int | None = _help("Train on this many images only (a seeded random subset).", default=None)
+    dataloader_num_workers: int = _help("Worker processes that load batches (0: the main process).", default=0)
+    preprocessing_num_workers: int | None = _help(
+        "Processes that decode and resize the images once, before training (the result is cached).", default=None
+    )
+    cache_dir: str | None = _help("Where `datasets` caches downloads and the preprocessed images.", default=None)
+
+    # Model and diffusion
+    model_preset: str = _help(f"UNet preset: {', '.join(UNET_PRESETS)}.", default="small")
+    model_config_name_or_path: str | None = _help(
+        "A UNet2DModel config.json (or a folder holding one) to train from scratch instead of a preset.", default=None
+    )
+    ddpm_num_steps: int = _help("T, the number of diffusion steps.", default=1000)
+    ddpm_beta_schedule: Literal["linear", "squaredcos_cap_v2"] = _help("Beta schedule.", default="linear")
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = _help(
+        "What the UNet learns to predict.", default="epsilon"
+    )
+    snr_gamma: float | None = _help("Min-SNR loss weighting gamma (Hang et al. 2023); 5.0 is typical.", default=None)
+
+    # Optimisation
+    output_dir: str = _help("Where the pipeline, checkpoints, samples and logs go.", default="facediff-output")
+    overwrite_output_dir: bool = _help("Train into an output_dir that holds another run.", default=False)
+    seed: int = _help("Seed for weights, data order, noise and sample grids.", default=0)
+    train_batch_size: int = _help(
+        "Global batch size: images per optimizer step before accumulation, split between the processes.", default=64
+    )
+    num_epochs: int = _help("Passes over the data (ignored when --max_train_steps is given).", default=100)
+    max_train_steps: int | None = _help("Optimizer steps to train; overrides --num_epochs.", default=None)
+    gradient_accumulation_steps: int = _help("Batches accumulated per optimizer step.", default=1)
+    learning_rate: float = _help("Peak learning rate.", default=2e-4)
+    lr_scheduler: str = _help(
+        "diffusers.optimization schedule: constant, constant_with_warmup, linear, cosine, ...", default="cosine"
+    )
+    lr_warmup_steps: int = _help("Linear warm-up steps.", default=100)
+    adam_beta1: float = _help("AdamW beta1.", default=0.95)
+    adam_beta2: float = _help("AdamW beta2.", default=0.999)
+    adam_weight_decay: float = _help("AdamW weight decay.", default=1e-6)
+    adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables it).", default=1.0)
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _help(
+        "Mixed precision; default: as `accelerate config` says.", default=None
+    )
+    use_ema: bool = _help("Keep an exponential moving average of the weights and save it.", default=True)
+    ema_inv_gamma: float = _help("EMA warm-up inverse gamma.", default=1.0)
+    ema_power: float = _help("EMA warm-up power.", default=0.75)
+    ema_max_decay: float = _help("EMA maximum decay.", default=0.9999)
+
+    # Checkpoints, samples, logs
+    checkpointing_steps: int = _help("Save a resumable checkpoint every this many steps.", default=500)
+    checkpoints_total_limit: int | None = _help("Keep at most this many checkpoints.", default=None)
+    resume_from_checkpoint: str | None = _help('A checkpoint folder, or "latest".', default=None)
+    save_images_steps: int = _help("Save a sample grid every this many steps (and at the end).", default=500)
+    eval_batch_size: int = _help("Images in each sample grid.", default=16)
+    num_inference_steps: int = _help("Sampling steps for the sample grids (respaced).", default=100)
+    logger: Literal["tensorboard", "wandb"] = _help("Where losses and sample grids are logged.", default="tensorboard")
+    logging_dir: str = _help("Log folder, relative to output_dir.", default="logs")
+
+    # Hub
+    push_to_hub: bool = _help("Upload the final pipeline to the Hub.", default=False)
+    hub_model_id: str | None = _help("Hub repo id; default: the output folder's name.", default=None)
+    hub_private_repo: bool = _help("Create the Hub repo as private.", default=False)
+
+    def __post_init__(self):
+        if self.dataset_name and self.train_data_dir:
+            raise ValueError("Pass either --dataset_name or --train_data_dir, not both.")
+        if self.num_channels not in (None, 1, 3):
+            raise ValueError(f"--num_channels must be 1 or 3, got {self.num_channels}.")
+        for name in (
+            "train_batch_size",
+            "num_epochs",
+            "gradient_accumulation_steps",
+            "checkpointing_steps",
+            "save_images_steps",
+            "eval_batch_size",
+            "num_inference_steps",
+            "ddpm_num_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
+        if self.num_inference_steps > self.ddpm_num_steps:
+            raise ValueError(
+                f"--num_inference_steps ({self.num_inference_steps}) cannot exceed --ddpm_num_steps "
+                f"({self.ddpm_num_steps})."
+            )
+        if self.model_config_name_or_path is None:
+            unet_config(self.model_preset, self.effective_resolution, self.num_channels or 1)
+
+    @property
+    def uses_builtin_digits(self) -> bool:
+        return self.dataset_name is None and self.train_data_dir is None
+
+    @property
+    def effective_resolution(self) -> int:
+        if self.resolution is not None:
+            return self.resolution
+        return 16 if self.uses_builtin_digits else 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_training_arguments(argv: list[str] | None = None) -> TrainingArguments:
+    """
+    Read the training arguments from the command line, or from a single YAML or JSON file given as the only argument.
+
+    Args:
+        argv (`list[str]`, *optional*):
+            The arguments; default: `sys.argv[1:]`.
+
+    Returns:
+        `TrainingArguments`
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser(TrainingArguments)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        (arguments,) = parser.parse_yaml_file(argv[0])
+    elif len(argv) == 1 and argv[0].endswith(".json"):
+        (arguments,) = parser.parse_json_file(argv[0])
+    else:
+        (arguments,) = parser.parse_args_into_dataclasses(args=argv)
+    return arguments

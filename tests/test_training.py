@@ -1,0 +1,202 @@
+"""Training end to end on real faces, exact resume, checkpoints, and what the output folder holds."""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from PIL import Image
+from safetensors.torch import load_file
+
+import facediff.training as training
+from facediff import FaceDiffPipeline
+from facediff.checkpointing import list_checkpoints, resolve_checkpoint
+from facediff.training import NonFiniteLossError, train
+from facediff.training_args import parse_training_arguments
+
+from .conftest import OLIVETTI, UTKFACE
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run starts Accelerate afresh, as a new process would."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def tiny_run(output_dir, *flags) -> list[str]:
+    return [
+        "--output_dir", str(output_dir),
+        "--resolution", "16",
+        "--train_batch_size", "8",
+        "--max_train_steps", "4",
+        "--checkpointing_steps", "2",
+        "--save_images_steps", "2",
+        "--eval_batch_size", "4",
+        "--num_inference_steps", "3",
+        "--lr_warmup_steps", "1",
+        *flags,
+    ]  # fmt: skip
+
+
+def test_trains_on_olivetti_faces_end_to_end(tmp_path):
+    output = tmp_path / "olivetti"
+    result = train(parse_training_arguments(tiny_run(output, "--train_data_dir", str(OLIVETTI), "--random_flip")))
+    assert result.global_step == 4 and np.isfinite(result.final_loss)
+
+    pipeline = FaceDiffPipeline.from_pretrained(output)
+    assert pipeline.unet.config.in_channels == 1 and pipeline.unet.config.sample_size == 16
+    image = pipeline(num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.mode == "L" and image.size == (16, 16)
+
+    assert [path.name for path in list_checkpoints(output)] == ["checkpoint-2"]
+    assert Image.open(output / "sample_grid.png").size == (32, 32)  # 4 images of 16x16 as 2x2
+    assert (output / "samples" / "step-000002.png").exists()
+    assert list((output / "logs").rglob("events.out.tfevents.*"))
+    assert json.loads((output / "training_args.json").read_text())["train_data_dir"] == str(OLIVETTI)
+    card = (output / "README.md").read_text()
+    assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
+    assert "the image folder `train`, 400 images" in card and "4 steps of AdamW" in card and "wall time" in card
+    assert "{{" not in card and "None" not in card
+
+
+def test_trains_on_rgb_utkface_crops(tmp_path):
+    output = tmp_path / "utk"
+    flags = ["--train_data_dir", str(UTKFACE), "--max_train_samples", "200", "--prediction_type", "v_prediction"]
+    train(parse_training_arguments(tiny_run(output, *flags, "--snr_gamma", "5", "--use_ema", "false")))
+    pipeline = FaceDiffPipeline.from_pretrained(output)
+    assert pipeline.unet.config.in_channels == 3 and pipeline.scheduler.config.prediction_type == "v_prediction"
+    assert pipeline(num_inference_steps=2).images[0].mode == "RGB"
+    assert "200 images" in (output / "README.md").read_text()
+
+
+def test_trains_on_the_builtin_digits_by_default(tmp_path):
+    args = parse_training_arguments(tiny_run(tmp_path / "digits", "--max_train_steps", "2"))
+    assert args.uses_builtin_digits
+    train(args)
+    assert "handwritten digits" in (tmp_path / "digits" / "README.md").read_text()
+
+
+UNPATCHED_LOSS = training._diffusion_loss
+
+
+def record_batches(monkeypatch) -> list[str]:
+    """Hash each batch the loss sees, in order."""
+    seen = []
+    original = UNPATCHED_LOSS
+
+    def recording(unet, scheduler, pixels, args):
+        seen.append(hashlib.sha256(pixels.numpy().tobytes()).hexdigest())
+        return original(unet, scheduler, pixels, args)
+
+    monkeypatch.setattr(training, "_diffusion_loss", recording)
+    return seen
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "40", "--max_train_steps", "8",
+             "--random_flip", "--gradient_accumulation_steps", "2"]  # fmt: skip
+    straight_batches = record_batches(monkeypatch)
+    train(parse_training_arguments(tiny_run(tmp_path / "straight", *flags)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    resumed_batches = record_batches(monkeypatch)
+    save_checkpoint = training.checkpointing.save_checkpoint
+
+    def stop_after_first(*args, **kwargs):
+        save_checkpoint(*args, **kwargs)
+        raise Interrupted
+
+    monkeypatch.setattr(training.checkpointing, "save_checkpoint", stop_after_first)
+    with pytest.raises(Interrupted):
+        train(parse_training_arguments(tiny_run(tmp_path / "resumed", *flags)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(training.checkpointing, "save_checkpoint", save_checkpoint)
+    train(parse_training_arguments(tiny_run(tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")))
+
+    # 5 batches an epoch make 3 steps (2 + 2 + 1 batches): 8 steps are 14 batches, the same in both runs.
+    assert len(straight_batches) == 14 and resumed_batches == straight_batches
+    for name in ("model.safetensors",):
+        a, b = load_file(tmp_path / "straight/checkpoint-6" / name), load_file(tmp_path / "resumed/checkpoint-6" / name)
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    for name in ("optimizer.bin", "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl"):
+        a = torch.load(tmp_path / "straight/checkpoint-6" / name, weights_only=False)
+        b = torch.load(tmp_path / "resumed/checkpoint-6" / name, weights_only=False)
+        assert _nested_equal(a, b), name
+    final_a = load_file(tmp_path / "straight/unet/diffusion_pytorch_model.safetensors")
+    final_b = load_file(tmp_path / "resumed/unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(final_a[key], final_b[key]) for key in final_a)
+
+
+def _nested_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_nested_equal(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_nested_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_checkpoints_rotate_and_partial_ones_are_never_latest(tmp_path):
+    output = tmp_path / "run"
+    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "7",
+             "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--save_images_steps", "100"]  # fmt: skip
+    train(parse_training_arguments(tiny_run(output, *flags)))
+    assert [path.name for path in list_checkpoints(output)] == ["checkpoint-5", "checkpoint-6"]
+    # What a kill during a save leaves behind: a staging folder, and a checkpoint-N folder without its state file.
+    shutil.copytree(output / "checkpoint-6", output / ".checkpoint-9.partial")
+    (output / "checkpoint-12").mkdir()
+    assert resolve_checkpoint("latest", output) == output / "checkpoint-6"
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    original = training._diffusion_loss
+    calls = []
+
+    def exploding(unet, scheduler, pixels, args):
+        calls.append(1)
+        loss = original(unet, scheduler, pixels, args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(training, "_diffusion_loss", exploding)
+    output = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"at step 3.*checkpoint-2, is kept"):
+        train(
+            parse_training_arguments(tiny_run(output, "--train_data_dir", str(OLIVETTI), "--max_train_samples", "16"))
+        )
+    weights = load_file(output / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    assert not (output / "model_index.json").exists()
+
+
+def test_refuses_an_output_dir_holding_another_run(tmp_path):
+    output = tmp_path / "run"
+    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "2"]
+    train(parse_training_arguments(tiny_run(output, *flags)))
+    before = sorted(path.name for path in output.iterdir())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match="already holds a training run.*--overwrite_output_dir"):
+        train(parse_training_arguments(tiny_run(output, *flags)))
+    assert sorted(path.name for path in output.iterdir()) == before
+    train(parse_training_arguments(tiny_run(output, *flags, "--overwrite_output_dir")))
+
+
+def test_config_files_give_the_same_arguments_as_flags(tmp_path):
+    (tmp_path / "run.yaml").write_text("output_dir: out\nlearning_rate: 0.001\nuse_ema: false\nrandom_flip: true\n")
+    (tmp_path / "run.json").write_text(json.dumps({"output_dir": "out", "learning_rate": 1e-3, "use_ema": False,
+                                                   "random_flip": True}))  # fmt: skip
+    from_flags = parse_training_arguments(["--output_dir", "out", "--learning_rate", "1e-3", "--use_ema", "false",
+                                           "--random_flip"])  # fmt: skip
+    assert parse_training_arguments([str(tmp_path / "run.yaml")]) == from_flags
+    assert parse_training_arguments([str(tmp_path / "run.json")]) == from_flags
+    assert from_flags.use_ema is False and from_flags.learning_rate == 1e-3
