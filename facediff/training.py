@@ -21,6 +21,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from . import checkpointing, data
+from .hub import push_pipeline_folder
 from .model_card import write_model_card
 from .output_dir import check_output_dir, write_json
 from .pipelines import FaceDiffPipeline, FaceDiffScheduler
@@ -99,7 +100,7 @@ def train(args: TrainingArguments) -> TrainingResult:
         eps=args.adam_epsilon,
     )
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    max_train_steps = args.total_train_steps(steps_per_epoch)
     # Stepped by hand once per optimizer step, so its position means the same whatever the number of processes.
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
@@ -245,6 +246,9 @@ def _make_accelerator(args: TrainingArguments, output_dir: Path) -> Accelerator:
         ),
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed),
     )
+    if accelerator.device.type == "cpu":
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(args.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local_processes))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line of ours per checkpoint, not six
     return accelerator
@@ -325,6 +329,9 @@ def _save_final(
     write_json(output_dir / "training_args.json", args.to_dict())
     facts = _card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time)
     write_model_card({**facts, "sample_grid": grid.name}, output_dir)
+    if args.push_to_hub:
+        commit = push_pipeline_folder(output_dir, args.hub_model_id or output_dir.resolve().name, args.hub_private_repo)
+        logger.info(f"Pushed the pipeline to {commit.repo_url} ({commit.commit_url})")
     logger.info(
         f"Saved the pipeline{' (EMA weights)' if ema is not None else ''}, its model card and sample grid "
         f"({grid}) in {output_dir}; logs in {output_dir / args.logging_dir}"

@@ -34,6 +34,11 @@ class TrainingArguments:
     num_channels: int | None = _help("1 or 3; default: 1 when every image is grayscale, else 3.", default=None)
     max_train_samples: int | None = _help("Train on this many images only (a seeded random subset).", default=None)
     dataloader_num_workers: int = _help("Worker processes that load batches (0: the main process).", default=0)
+    cpu_threads: int | None = _help(
+        "Threads per process when training on CPU; default: this machine's cores split between its processes "
+        "(accelerate launch sets OMP_NUM_THREADS=1, which would leave cores idle).",
+        default=None,
+    )
     preprocessing_num_workers: int | None = _help(
         "Processes that decode and resize the images once, before training (the result is cached).", default=None
     )
@@ -58,7 +63,11 @@ class TrainingArguments:
     train_batch_size: int = _help(
         "Global batch size: images per optimizer step before accumulation, split between the processes.", default=64
     )
-    num_epochs: int = _help("Passes over the data (ignored when --max_train_steps is given).", default=100)
+    num_epochs: int | None = _help(
+        "Passes over the data (ignored when --max_train_steps is given); default: 100, or 1,200 steps on the "
+        "built-in digits.",
+        default=None,
+    )
     max_train_steps: int | None = _help("Optimizer steps to train; overrides --num_epochs.", default=None)
     gradient_accumulation_steps: int = _help("Batches accumulated per optimizer step.", default=1)
     learning_rate: float = _help("Peak learning rate.", default=2e-4)
@@ -101,7 +110,6 @@ class TrainingArguments:
             raise ValueError(f"--num_channels must be 1 or 3, got {self.num_channels}.")
         for name in (
             "train_batch_size",
-            "num_epochs",
             "gradient_accumulation_steps",
             "checkpointing_steps",
             "save_images_steps",
@@ -111,7 +119,7 @@ class TrainingArguments:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+        for name in ("num_epochs", "max_train_steps", "max_train_samples", "checkpoints_total_limit", "cpu_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.learning_rate <= 0:
@@ -133,6 +141,14 @@ class TrainingArguments:
         if self.resolution is not None:
             return self.resolution
         return 16 if self.uses_builtin_digits else 64
+
+    def total_train_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps this run trains for, given the steps in one epoch."""
+        if self.max_train_steps is not None:
+            return self.max_train_steps
+        if self.num_epochs is None and self.uses_builtin_digits:
+            return 1200
+        return (self.num_epochs or 100) * steps_per_epoch
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,110 @@
+"""Training-step throughput and peak memory: facediff's step against a stock diffusers loop, in one run.
+
+    python benchmarks/train_throughput.py [--preset small] [--resolution 32] [--batch-size 32] [--channels 1]
+
+The stock loop is diffusers' examples/unconditional_image_generation/train_unconditional.py reduced to its step:
+DDPMScheduler.add_noise, the same UNet2DModel config, MSE on the noise, backward, gradient clipping, AdamW and an
+EMAModel update. facediff's step is `facediff.training._diffusion_loss` with the same optimizer, clipping and EMA.
+Each variant runs in a fresh process (so peak RSS is its own), after warm-up steps; the table gives the median
+images/s over repetitions and the spread (min to max).
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def run_variant(variant: str, preset: str, resolution: int, channels: int, batch_size: int, steps: int, reps: int):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from facediff import FaceDiffScheduler, build_unet
+    from facediff.training import _diffusion_loss
+    from facediff.training_args import TrainingArguments
+
+    torch.manual_seed(0)
+    unet = build_unet(preset, resolution, channels)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    pixels = torch.randint(0, 256, (batch_size, channels, resolution, resolution), dtype=torch.uint8)
+
+    if variant == "diffusers":
+        scheduler = DDPMScheduler(num_train_timesteps=1000)
+
+        def loss_fn():
+            clean = pixels.float() / 127.5 - 1
+            noise = torch.randn_like(clean)
+            timesteps = torch.randint(0, 1000, (batch_size,))
+            prediction = unet(scheduler.add_noise(clean, noise, timesteps), timesteps).sample
+            return F.mse_loss(prediction.float(), noise.float())
+    else:
+        scheduler = FaceDiffScheduler()
+        args = TrainingArguments(output_dir="unused")
+
+        def loss_fn():
+            return _diffusion_loss(unet, scheduler, pixels, args)
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+
+    for _ in range(3):
+        step()
+    rates = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rates.append(steps * batch_size / (time.perf_counter() - started))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rates": rates, "peak_mb": peak_mb}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="steps per repetition")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    setting = (args.preset, args.resolution, args.channels, args.batch_size, args.steps, args.reps)
+    if args.variant:
+        run_variant(args.variant, *setting)
+        return
+
+    results = {}
+    for variant in ("diffusers", "facediff"):
+        command = [sys.executable, __file__, "--variant", variant, "--preset", args.preset, "--resolution",
+                   str(args.resolution), "--channels", str(args.channels), "--batch-size", str(args.batch_size),
+                   "--steps", str(args.steps), "--reps", str(args.reps)]  # fmt: skip
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        results[variant] = json.loads(output.strip().splitlines()[-1])
+
+    print(f"preset {args.preset}, {args.resolution}px, {args.channels} channel(s), batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
+    print("| training step | images/s (median) | spread | peak RSS | vs stock |")
+    print("|---|---:|---:|---:|---:|")
+    stock = statistics.median(results["diffusers"]["rates"])
+    for variant, label in (("diffusers", "stock diffusers loop"), ("facediff", "facediff")):
+        rates = results[variant]["rates"]
+        median = statistics.median(rates)
+        print(f"| {label} | {median:.1f} | {min(rates):.1f}-{max(rates):.1f} | "
+              f"{results[variant]['peak_mb']:.0f} MB | {median / stock:.2f}x |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
