@@ -44,7 +44,7 @@ def main():
     for path in sample:
         with Image.open(path) as image:
             resized = image.convert("RGB").resize((args.resolution, args.resolution), Image.Resampling.BILINEAR)
-            torch.from_numpy(np.asarray(resized)).permute(2, 0, 1).float()
+            torch.from_numpy(np.array(resized)).permute(2, 0, 1).float()
     rows.append(("decode on every access (1 process)", len(sample) / (time.perf_counter() - started)))
 
     started = time.perf_counter()

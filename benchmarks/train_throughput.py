@@ -4,9 +4,11 @@
 
 The stock loop is diffusers' examples/unconditional_image_generation/train_unconditional.py reduced to its step:
 DDPMScheduler.add_noise, the same UNet2DModel config, MSE on the noise, backward, gradient clipping, AdamW and an
-EMAModel update. facediff's step is `facediff.training._diffusion_loss` with the same optimizer, clipping and EMA.
-Each variant runs in a fresh process (so peak RSS is its own), after warm-up steps; the table gives the median
-images/s over repetitions and the spread (min to max).
+EMAModel update; it is also timed with the single thread that `accelerate launch` gives a CPU run
+(OMP_NUM_THREADS=1), where facediff's training uses the machine's cores. facediff's step is
+`facediff.training._diffusion_loss` with the same optimizer, clipping and EMA.
+Each variant runs in fresh processes (so peak RSS is its own), alternating over rounds, after warm-up steps; the
+table gives the median images/s over all repetitions and the spread (min to max).
 """
 
 import argparse
@@ -29,13 +31,15 @@ def run_variant(variant: str, preset: str, resolution: int, channels: int, batch
     from facediff.training import _diffusion_loss
     from facediff.training_args import TrainingArguments
 
+    if variant == "diffusers-launched":
+        torch.set_num_threads(1)  # what `accelerate launch` leaves train_unconditional.py on CPU: OMP_NUM_THREADS=1
     torch.manual_seed(0)
     unet = build_unet(preset, resolution, channels)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     pixels = torch.randint(0, 256, (batch_size, channels, resolution, resolution), dtype=torch.uint8)
 
-    if variant == "diffusers":
+    if variant.startswith("diffusers"):
         scheduler = DDPMScheduler(num_train_timesteps=1000)
 
         def loss_fn():
@@ -78,7 +82,8 @@ def main():
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="steps per repetition")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per process")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per variant, alternating")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     setting = (args.preset, args.resolution, args.channels, args.batch_size, args.steps, args.reps)
@@ -86,20 +91,30 @@ def main():
         run_variant(args.variant, *setting)
         return
 
-    results = {}
-    for variant in ("diffusers", "facediff"):
-        command = [sys.executable, __file__, "--variant", variant, "--preset", args.preset, "--resolution",
-                   str(args.resolution), "--channels", str(args.channels), "--batch-size", str(args.batch_size),
-                   "--steps", str(args.steps), "--reps", str(args.reps)]  # fmt: skip
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results[variant] = json.loads(output.strip().splitlines()[-1])
+    # Alternate the variants over several rounds so that drift in the machine's speed hits both alike.
+    variants = ("diffusers", "facediff", "diffusers-launched")
+    results = {variant: {"rates": [], "peak_mb": 0.0} for variant in variants}
+    for _ in range(args.rounds):
+        for variant in results:
+            command = [sys.executable, __file__, "--variant", variant, "--preset", args.preset, "--resolution",
+                       str(args.resolution), "--channels", str(args.channels), "--batch-size", str(args.batch_size),
+                       "--steps", str(args.steps), "--reps", str(args.reps)]  # fmt: skip
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            measured = json.loads(output.strip().splitlines()[-1])
+            results[variant]["rates"] += measured["rates"]
+            results[variant]["peak_mb"] = max(results[variant]["peak_mb"], measured["peak_mb"])
 
     print(f"preset {args.preset}, {args.resolution}px, {args.channels} channel(s), batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
     print("| training step | images/s (median) | spread | peak RSS | vs stock |")
     print("|---|---:|---:|---:|---:|")
     stock = statistics.median(results["diffusers"]["rates"])
-    for variant, label in (("diffusers", "stock diffusers loop"), ("facediff", "facediff")):
+    labels = {
+        "diffusers": "stock diffusers loop, same threads",
+        "facediff": "facediff",
+        "diffusers-launched": "stock loop as `accelerate launch` runs it on CPU (1 thread)",
+    }
+    for variant, label in labels.items():
         rates = results[variant]["rates"]
         median = statistics.median(rates)
         print(f"| {label} | {median:.1f} | {min(rates):.1f}-{max(rates):.1f} | "
