@@ -249,9 +249,19 @@ def _make_accelerator(args: TrainingArguments, output_dir: Path) -> Accelerator:
     if accelerator.device.type == "cpu":
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(args.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local_processes))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO,
+        handlers=[_TqdmLoggingHandler()],
+    )  # fmt: skip
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line of ours per checkpoint, not six
     return accelerator
+
+
+class _TqdmLoggingHandler(logging.StreamHandler):
+    """Log lines printed above the progress bar instead of through it."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record), file=self.stream)
 
 
 def _build_model(args: TrainingArguments, channels: int) -> UNet2DModel:
