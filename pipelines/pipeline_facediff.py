@@ -116,6 +116,14 @@ class FaceDiffPipeline(DiffusionPipeline):
         scheduler = kwargs.pop("scheduler", None)
         kwargs.setdefault("use_safetensors", True)
 
+        location = str(pretrained_model_name_or_path)
+        if not os.path.isdir(location) and (
+            os.path.isabs(location) or location.startswith(".") or location.count("/") != 1
+        ):
+            raise ValueError(
+                f"{location} is neither a folder nor a Hub repo id (user/name): pass a folder written by "
+                "save_pretrained or a repo id."
+            )
         index = cls.load_config(pretrained_model_name_or_path, **hub_kwargs)
         _check_model_index(index, pretrained_model_name_or_path)
         if unet is None:

@@ -1,0 +1,46 @@
+"""The `facediff sample` command."""
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import numpy as np
+from PIL import Image
+
+from facediff.cli import main
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=int)
+
+
+def test_sample_writes_one_png_per_image_and_a_grid(gray_pipeline, tmp_path):
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    flags = ["sample", str(tmp_path / "model"), "--num-images", "5", "--steps", "4", "--seed", "3"]
+    assert main([*flags, "--batch-size", "2", "--out", str(tmp_path / "batched")]) == 0
+    assert main([*flags, "--batch-size", "1", "--out", str(tmp_path / "single")]) == 0
+    names = sorted(path.name for path in (tmp_path / "batched").iterdir())
+    assert names == ["00000.png", "00001.png", "00002.png", "00003.png", "00004.png", "grid.png"]
+    assert Image.open(tmp_path / "batched" / "grid.png").size == (48, 32)  # 5 images of 16x16 on a 3x2 grid
+    for name in names[:-1]:  # image i depends on its seed only, not on the batch it was drawn in
+        assert np.abs(pixels(tmp_path / "batched" / name) - pixels(tmp_path / "single" / name)).max() <= 1
+
+
+def test_bad_model_gives_one_line_and_exit_code_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "facediff.cli", "sample", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing'} is neither a folder nor a Hub repo id (user/name): pass a folder written by "
+        "save_pretrained or a repo id."
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_installed_as_a_console_script():
+    (script,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "facediff"]
+    assert script.value == "facediff.cli:main"
