@@ -118,7 +118,7 @@ class FaceDiffPipeline(DiffusionPipeline):
 
         location = str(pretrained_model_name_or_path)
         if not os.path.isdir(location) and (
-            os.path.isabs(location) or location.startswith(".") or location.count("/") != 1
+            os.path.isabs(location) or location.startswith(".") or location.count("/") > 1
         ):
             raise ValueError(
                 f"{location} is neither a folder nor a Hub repo id (user/name): pass a folder written by "
