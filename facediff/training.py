@@ -21,7 +21,6 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from . import checkpointing, data
-from .hub import push_pipeline_folder
 from .model_card import write_model_card
 from .output_dir import check_output_dir, write_json
 from .pipelines import FaceDiffPipeline, FaceDiffScheduler
@@ -340,7 +339,8 @@ def _save_final(
     facts = _card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time)
     write_model_card({**facts, "sample_grid": grid.name}, output_dir)
     if args.push_to_hub:
-        commit = push_pipeline_folder(output_dir, args.hub_model_id or output_dir.resolve().name, args.hub_private_repo)
+        repo_id = args.hub_model_id or output_dir.resolve().name
+        commit = pipeline.push_to_hub(repo_id, private=args.hub_private_repo, card_folder=output_dir)
         logger.info(f"Pushed the pipeline to {commit.repo_url} ({commit.commit_url})")
     logger.info(
         f"Saved the pipeline{' (EMA weights)' if ema is not None else ''}, its model card and sample grid "

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 
 from .scheduling_facediff import FaceDiffScheduler
 
@@ -149,11 +150,11 @@ class FaceDiffPipeline(DiffusionPipeline):
             save_directory (`str` or `os.PathLike`):
                 The folder to write; created if missing.
             push_to_hub (`bool`, defaults to `False`):
-                Also upload the saved pipeline with [`~DiffusionPipeline.push_to_hub`]; `repo_id` defaults to the
-                folder's name.
+                Also upload the saved pipeline with [`FaceDiffPipeline.push_to_hub`], with the folder's model card and
+                sample grid; `repo_id` defaults to the folder's name.
             kwargs:
                 Passed to [`~DiffusionPipeline.save_pretrained`] (`safe_serialization`, `variant`, ...) or, with
-                `push_to_hub`, to `push_to_hub` (`repo_id`, `private`, `token`, `commit_message`, ...).
+                `push_to_hub`, to `push_to_hub` (`repo_id`, `private`, `token`, `commit_message`, `create_pr`).
         """
         hub_kwargs = {
             name: kwargs.pop(name)
@@ -172,7 +173,52 @@ class FaceDiffPipeline(DiffusionPipeline):
 
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", save_directory.resolve().name)
-            self.push_to_hub(repo_id, **hub_kwargs, **kwargs)
+            self.push_to_hub(repo_id, card_folder=save_directory, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload facediff pipeline",
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        card_folder: str | os.PathLike | None = None,
+    ) -> CommitInfo:
+        """
+        Upload the pipeline as [`FaceDiffPipeline.save_pretrained`] writes it (weights, configs, the code), with the
+        model card `README.md` and `sample_grid.png` of `card_folder` when it has them, in one commit; nothing else.
+
+        Args:
+            repo_id (`str`):
+                The Hub model repo, `user/name`; created if missing.
+            commit_message (`str`):
+                The commit's title.
+            private (`bool`, *optional*):
+                Create the repo as private.
+            token (`str`, *optional*):
+                A Hub token; default: huggingface_hub's usual sources (HF_TOKEN, the saved login). Never written.
+            create_pr (`bool`, defaults to `False`):
+                Open a pull request instead of committing to main.
+            card_folder (`str` or `os.PathLike`, *optional*):
+                Where the card and sample grid are; default: the folder this pipeline was loaded from.
+
+        Returns:
+            `huggingface_hub.CommitInfo`
+        """
+        card_folder = card_folder or self.name_or_path  # None for a pipeline built in memory: no card to carry
+        with tempfile.TemporaryDirectory() as folder:
+            folder = Path(folder)
+            self.save_pretrained(folder)
+            for name in ("README.md", "sample_grid.png"):
+                if card_folder and (Path(card_folder) / name).is_file():
+                    shutil.copyfile(Path(card_folder) / name, folder / name)
+            files = sorted(path for path in folder.rglob("*") if path.is_file())
+            operations = [CommitOperationAdd(str(path.relative_to(folder)), str(path)) for path in files]
+            api = HfApi(token=token)
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            return api.create_commit(
+                repo_id=repo_id, operations=operations, commit_message=commit_message, create_pr=create_pr
+            )
 
     @staticmethod
     def _write_remote_code(folder: Path):

@@ -1,7 +1,6 @@
 """Hub sharing, with the network calls intercepted at huggingface_hub's HfApi boundary."""
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,9 +87,19 @@ def test_training_pushes_exactly_the_pipeline_and_it_loads_back(tmp_path, fake_h
     np.testing.assert_array_equal(draw(loaded), draw(local))
 
 
-def test_pushing_a_folder_without_a_pipeline_is_refused(tmp_path, fake_hub):
-    from facediff.hub import push_pipeline_folder
+def test_a_loaded_pipeline_pushes_its_card_and_grid_and_a_new_one_pushes_none(gray_pipeline, tmp_path, fake_hub):
+    folder = tmp_path / "trained"
+    gray_pipeline.save_pretrained(folder)
+    (folder / "README.md").write_text("---\nlibrary_name: diffusers\n---\n# faces\n")
+    (folder / "sample_grid.png").write_bytes(b"png")
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "model.safetensors").write_bytes(b"weights")
+    (folder / "training_args.json").write_text("{}")
 
-    with pytest.raises(ValueError, match="no model_index.json"):
-        push_pipeline_folder(Path(tmp_path), "someone/empty")
-    assert fake_hub["repos"] == [] and fake_hub["commits"] == []
+    FaceDiffPipeline.from_pretrained(folder).push_to_hub("someone/faces", commit_message="first")
+    gray_pipeline.push_to_hub("someone/bare", private=True)
+    (first, second) = fake_hub["commits"]
+    assert first[:2] == ("someone/faces", "first") and "README.md" in first[2] and "sample_grid.png" in first[2]
+    assert not any(name.startswith("checkpoint") or name == "training_args.json" for name in first[2])
+    assert second[0] == "someone/bare" and "README.md" not in second[2] and "model_index.json" in second[2]
+    assert fake_hub["repos"][1][:2] == ("someone/bare", True)
