@@ -5,6 +5,7 @@ With no arguments, trains the `small` preset on scikit-learn's bundled handwritt
 
 import sys
 
+from facediff.stop_signals import TrainingInterrupted
 from facediff.training import NonFiniteLossError, train
 from facediff.training_args import parse_training_arguments
 
@@ -12,6 +13,9 @@ from facediff.training_args import parse_training_arguments
 def main() -> int:
     try:
         result = train(parse_training_arguments())
+    except TrainingInterrupted as stop:
+        print(str(stop), file=sys.stderr)
+        return stop.exit_code
     except (ValueError, OSError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from .model_card import write_model_card
 from .output_dir import check_output_dir, write_json
 from .pipelines import FaceDiffPipeline, FaceDiffScheduler
 from .sample_grids import as_array, sample_images, save_grid
+from .stop_signals import StopRequest, TrainingInterrupted
 from .training_args import TrainingArguments
 from .unet_presets import build_unet
 
@@ -134,56 +136,63 @@ def train(args: TrainingArguments) -> TrainingResult:
         f"Training on {len(train_dataset)} images ({channels} channel(s), {args.effective_resolution}px), "
         f"{max_train_steps} steps of {args.train_batch_size} images on {accelerator.num_processes} process(es)"
     )
-    progress = tqdm(
-        total=max_train_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
-    )
-    running_loss, window_start, window_images = None, time.monotonic(), 0
-    for epoch in range(first_epoch, num_epochs):
-        dataloader.set_epoch(epoch)
-        batches = dataloader
-        if epoch == first_epoch and batches_to_skip:
-            batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
-        for batch in batches:
-            with accelerator.accumulate(unet):
-                loss = _diffusion_loss(unet, noise_scheduler, batch[data.PIXELS], args)
-                losses = accelerator.gather(loss.detach()[None])
-                if not torch.isfinite(losses).all():
-                    raise NonFiniteLossError(_non_finite_message(global_step + 1, losses, output_dir))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_images += args.train_batch_size
-            if not accelerator.sync_gradients:
-                continue
+    with StopRequest() as stop:
+        progress = tqdm(
+            total=max_train_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
+        )
+        running_loss, window_start, window_images = None, time.monotonic(), 0
+        for epoch in range(first_epoch, num_epochs):
+            dataloader.set_epoch(epoch)
+            batches = dataloader
+            if epoch == first_epoch and batches_to_skip:
+                batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
+            for batch in batches:
+                with accelerator.accumulate(unet):
+                    loss = _diffusion_loss(unet, noise_scheduler, batch[data.PIXELS], args)
+                    losses = accelerator.gather(loss.detach()[None])
+                    if not torch.isfinite(losses).all():
+                        raise NonFiniteLossError(_non_finite_message(global_step + 1, losses, output_dir))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window_images += args.train_batch_size
+                if not accelerator.sync_gradients:
+                    continue
 
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step(unet.parameters())
-            global_step += 1
-            mean_loss = losses.mean().item()
-            running_loss = mean_loss if running_loss is None else 0.98 * running_loss + 0.02 * mean_loss
-            images_per_second = window_images / max(time.monotonic() - window_start, 1e-9)
-            logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
-            accelerator.log(logs, step=global_step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{running_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}")
-
-            if global_step % args.checkpointing_steps == 0 and global_step < max_train_steps:
-                saved = checkpointing.save_checkpoint(
-                    accelerator, output_dir, global_step, args.checkpoints_total_limit
+                lr_scheduler.step()
+                if ema is not None:
+                    ema.step(unet.parameters())
+                global_step += 1
+                mean_loss = losses.mean().item()
+                running_loss = mean_loss if running_loss is None else 0.98 * running_loss + 0.02 * mean_loss
+                images_per_second = window_images / max(time.monotonic() - window_start, 1e-9)
+                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
+                accelerator.log(logs, step=global_step)
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{running_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}"
                 )
-                logger.info(f"Saved checkpoint {saved}")
-            if global_step % args.save_images_steps == 0 and global_step < max_train_steps:
-                _save_samples(args, accelerator, unet, noise_scheduler, ema, output_dir, global_step)
-            if global_step % 50 == 0:
-                window_start, window_images = time.monotonic(), 0
+
+                if global_step % args.checkpointing_steps == 0 and global_step < max_train_steps:
+                    saved = checkpointing.save_checkpoint(
+                        accelerator, output_dir, global_step, args.checkpoints_total_limit
+                    )
+                    logger.info(f"Saved checkpoint {saved}")
+                if global_step % args.save_images_steps == 0 and global_step < max_train_steps:
+                    _save_samples(args, accelerator, unet, noise_scheduler, ema, output_dir, global_step)
+                if global_step % 50 == 0:
+                    window_start, window_images = time.monotonic(), 0
+                if stop.signum is not None:
+                    accelerator.set_trigger()
+                if accelerator.check_trigger() and global_step < max_train_steps:  # every process stops together
+                    _stop_on_signal(args, accelerator, output_dir, global_step, stop.signum)
+                if global_step >= max_train_steps:
+                    break
             if global_step >= max_train_steps:
                 break
-        if global_step >= max_train_steps:
-            break
-    progress.close()
+        progress.close()
 
     accelerator.wait_for_everyone()
     wall_time = time.monotonic() - started
@@ -204,6 +213,16 @@ def train(args: TrainingArguments) -> TrainingResult:
     accelerator.end_training()
     final_loss = running_loss if running_loss is not None else math.nan
     return TrainingResult(output_dir, global_step, final_loss, wall_time, accelerator.unwrap_model(unet))
+
+
+def _stop_on_signal(args, accelerator: Accelerator, output_dir: Path, global_step: int, signum: int | None):
+    saved = checkpointing.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+    name = signal.Signals(signum).name if signum is not None else "a signal on another process"
+    raise TrainingInterrupted(
+        f"Stopped by {name} at step {global_step}; saved {saved}. Resume with the same command plus "
+        "--resume_from_checkpoint latest.",
+        signum or signal.SIGTERM,
+    )
 
 
 def _diffusion_loss(unet, scheduler: FaceDiffScheduler, pixels: torch.Tensor, args: TrainingArguments) -> torch.Tensor:
