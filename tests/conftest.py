@@ -4,7 +4,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Decoded datasets and the built-in digits are cached per test session, not in the user's cache.
-os.environ.setdefault("HF_DATASETS_CACHE", __import__("tempfile").mkdtemp(prefix="facediff-datasets-"))
+SESSION_DATASETS_CACHE = None
+if "HF_DATASETS_CACHE" not in os.environ:
+    SESSION_DATASETS_CACHE = __import__("tempfile").mkdtemp(prefix="facediff-datasets-")
+    os.environ["HF_DATASETS_CACHE"] = SESSION_DATASETS_CACHE
 
 import hashlib  # noqa: E402
 import shutil  # noqa: E402
@@ -14,6 +17,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from facediff import FaceDiffPipeline, FaceDiffScheduler, build_unet  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if SESSION_DATASETS_CACHE is not None:
+        shutil.rmtree(SESSION_DATASETS_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
