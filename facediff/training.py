@@ -34,7 +34,7 @@ logger = get_logger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the weights were not updated with it."""
+    """The loss or the gradients became NaN or infinite; the weights were not updated with them."""
 
 
 @dataclass
@@ -151,10 +151,14 @@ def train(args: TrainingArguments) -> TrainingResult:
                     loss = _diffusion_loss(unet, noise_scheduler, batch[data.PIXELS], args)
                     losses = accelerator.gather(loss.detach()[None])
                     if not torch.isfinite(losses).all():
-                        raise NonFiniteLossError(_non_finite_message(global_step + 1, losses, output_dir))
+                        raise NonFiniteLossError(_non_finite_message(global_step + 1, "loss", losses, output_dir))
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or math.inf)
+                        # Under fp16 the gradient scaler skips such a step by itself and lowers its scale.
+                        if accelerator.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
+                            message = _non_finite_message(global_step + 1, "gradient norm", grad_norm, output_dir)
+                            raise NonFiniteLossError(message)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 window_images += args.train_batch_size
@@ -309,7 +313,7 @@ def _resume(args: TrainingArguments, accelerator: Accelerator, output_dir: Path)
     return step
 
 
-def _non_finite_message(step: int, losses: torch.Tensor, output_dir: Path) -> str:
+def _non_finite_message(step: int, what: str, values: torch.Tensor, output_dir: Path) -> str:
     checkpoints = checkpointing.list_checkpoints(output_dir)
     kept = (
         f"the last good checkpoint, {checkpoints[-1]}, is kept: resume from it with "
@@ -318,7 +322,7 @@ def _non_finite_message(step: int, losses: torch.Tensor, output_dir: Path) -> st
         else "no checkpoint was written yet: restart with a lower --learning_rate (or --mixed_precision no)"
     )
     return (
-        f"The loss became {losses.tolist()} at step {step}; training stopped before updating the weights, and {kept}."
+        f"The {what} became {values.tolist()} at step {step}; training stopped before updating the weights, and {kept}."
     )
 
 

@@ -179,6 +179,25 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
     assert not (output / "model_index.json").exists()
 
 
+def test_non_finite_gradients_stop_with_the_step_and_keep_the_checkpoint(tmp_path, monkeypatch):
+    calls = []
+
+    def poisoned_gradients(unet, scheduler, pixels, args):
+        calls.append(1)
+        loss = UNPATCHED_LOSS(unet, scheduler, pixels, args)
+        if len(calls) == 3:  # a finite loss whose backward pass yields NaN gradients
+            unet.conv_in.weight.register_hook(lambda grad: grad * float("nan"))
+        return loss
+
+    monkeypatch.setattr(training, "_diffusion_loss", poisoned_gradients)
+    output = tmp_path / "run"
+    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_grad_norm", "0"]
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm became nan at step 3.*checkpoint-2, is kept"):
+        train(parse_training_arguments(tiny_run(output, *flags)))
+    weights = load_file(output / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
 def test_refuses_an_output_dir_holding_another_run(tmp_path):
     output = tmp_path / "run"
     flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "2"]
