@@ -2,9 +2,11 @@
 `huggingface_hub.ModelCard`. What is unknown is left out, never filled with a placeholder."""
 
 import os
+import platform
 import sys
 from pathlib import Path
 
+import torch
 from huggingface_hub import ModelCard, ModelCardData
 
 TEMPLATE_NAME = "model_card.md"
@@ -54,3 +56,56 @@ def write_model_card(facts: dict, folder: str | os.PathLike) -> Path:
     partial.write_text(str(render_model_card(facts)), encoding="utf-8")
     os.replace(partial, path)
     return path
+
+
+def training_card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time) -> dict:
+    """What the card says about a finished training run: data, model, schedule, optimisation, hardware, time."""
+    config = scheduler.config
+    if config.beta_schedule == "linear":
+        beta_description = f"betas linear from {config.beta_start:g} to {config.beta_end:g}"
+    else:
+        beta_description = "the cosine schedule of Nichol & Dhariwal (2021)"
+    if args.train_data_dir is not None:
+        dataset_description = f"the image folder `{Path(args.train_data_dir).name}`"
+    elif args.dataset_name is not None:
+        dataset_description = f"the dataset `{args.dataset_name}`"
+    else:
+        dataset_description = "scikit-learn's handwritten digits (1,797 8x8 images, UCI ML hand-written digits)"
+    if accelerator.device.type == "cuda":
+        hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name(accelerator.device)}"
+    else:
+        hardware = f"{accelerator.num_processes} CPU process(es), {platform.processor() or platform.machine()}"
+    minutes = wall_time / 60
+    return {
+        "model_name": Path(args.output_dir).resolve().name,
+        "repo_id": args.hub_model_id or Path(args.output_dir).resolve().name,
+        "dataset_description": dataset_description,
+        "dataset_id": args.dataset_name if args.dataset_name and not Path(args.dataset_name).exists() else None,
+        "num_images": num_images,
+        "resolution": args.effective_resolution,
+        "channels": channels,
+        "random_flip": args.random_flip,
+        "model_preset": None if args.model_config_name_or_path else args.model_preset,
+        "num_parameters": f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M",
+        "num_train_timesteps": config.num_train_timesteps,
+        "beta_description": beta_description,
+        "prediction_description": {
+            "epsilon": "the added noise (epsilon)",
+            "v_prediction": "the velocity v",
+            "sample": "the clean image x_0",
+        }[config.prediction_type],
+        "variance_description": "sqrt(beta_t)",
+        "global_step": global_step,
+        "total_batch_size": args.train_batch_size * args.gradient_accumulation_steps,
+        "learning_rate": f"{args.learning_rate:g}",
+        "lr_scheduler": args.lr_scheduler,
+        "lr_warmup_steps": args.lr_warmup_steps,
+        "snr_gamma": args.snr_gamma,
+        "use_ema": args.use_ema,
+        "ema_max_decay": args.ema_max_decay,
+        "mixed_precision": accelerator.mixed_precision if accelerator.mixed_precision != "no" else "float32",
+        "hardware": hardware,
+        "wall_time": f"{minutes:.1f} minutes" if minutes < 120 else f"{minutes / 60:.1f} hours",
+        "sample_grid_caption": f"{args.eval_batch_size} samples, seed {args.seed}, "
+        f"{args.num_inference_steps} respaced steps.",
+    }

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
@@ -87,3 +88,14 @@ def as_array(images: list[Image.Image]) -> np.ndarray:
     """Images as one uint8 array (N, H, W, C), as trackers want them."""
     arrays = [np.asarray(image) for image in images]
     return np.stack([array[..., None] if array.ndim == 2 else array for array in arrays])
+
+
+def log_images(accelerator: Accelerator, images: list[Image.Image], global_step: int):
+    """Send a grid's images to the run's tracker (TensorBoard or Weights & Biases)."""
+    if accelerator.trackers and accelerator.trackers[0].name == "tensorboard":
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_images("samples", as_array(images), global_step, dataformats="NHWC")
+    elif accelerator.trackers and accelerator.trackers[0].name == "wandb":
+        import wandb
+
+        accelerator.get_tracker("wandb").log({"samples": [wandb.Image(image) for image in images]}, step=global_step)

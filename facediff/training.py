@@ -5,7 +5,6 @@ import copy
 import logging
 import math
 import os
-import platform
 import signal
 import time
 from dataclasses import dataclass
@@ -22,10 +21,10 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from . import checkpointing, data
-from .model_card import write_model_card
+from .model_card import training_card_facts, write_model_card
 from .output_dir import check_output_dir, write_json
 from .pipelines import FaceDiffPipeline, FaceDiffScheduler
-from .sample_grids import as_array, sample_images, save_grid
+from .sample_grids import log_images, sample_images, save_grid
 from .stop_signals import StopRequest, TrainingInterrupted
 from .training_args import TrainingArguments
 from .unet_presets import build_unet
@@ -332,18 +331,8 @@ def _save_samples(args, accelerator, unet, scheduler, ema, output_dir: Path, glo
             accelerator.unwrap_model(unet), scheduler, args.eval_batch_size, args.num_inference_steps, args.seed, ema
         )
         save_grid(images, output_dir / "samples" / f"step-{global_step:06d}.png")
-        _log_images(accelerator, images, global_step)
+        log_images(accelerator, images, global_step)
     accelerator.wait_for_everyone()
-
-
-def _log_images(accelerator: Accelerator, images, global_step: int):
-    if accelerator.trackers and accelerator.trackers[0].name == "tensorboard":
-        writer = accelerator.get_tracker("tensorboard", unwrap=True)
-        writer.add_images("samples", as_array(images), global_step, dataformats="NHWC")
-    elif accelerator.trackers and accelerator.trackers[0].name == "wandb":
-        import wandb
-
-        accelerator.get_tracker("wandb").log({"samples": [wandb.Image(image) for image in images]}, step=global_step)
 
 
 def _save_final(
@@ -352,14 +341,14 @@ def _save_final(
     unet = accelerator.unwrap_model(unet)
     images = sample_images(unet, scheduler, args.eval_batch_size, args.num_inference_steps, args.seed, ema)
     grid = save_grid(images, output_dir / "sample_grid.png")
-    _log_images(accelerator, images, global_step)
+    log_images(accelerator, images, global_step)
     if ema is not None:
         unet = copy.deepcopy(unet)
         ema.copy_to(unet.parameters())
     pipeline = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler.from_config(scheduler.config))
     pipeline.save_pretrained(output_dir)
     write_json(output_dir / "training_args.json", args.to_dict())
-    facts = _card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time)
+    facts = training_card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time)
     write_model_card({**facts, "sample_grid": grid.name}, output_dir)
     if args.push_to_hub:
         repo_id = args.hub_model_id or output_dir.resolve().name
@@ -369,58 +358,6 @@ def _save_final(
         f"Saved the pipeline{' (EMA weights)' if ema is not None else ''}, its model card and sample grid "
         f"({grid}) in {output_dir}; logs in {output_dir / args.logging_dir}"
     )
-
-
-def _card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time) -> dict:
-    config = scheduler.config
-    if config.beta_schedule == "linear":
-        beta_description = f"betas linear from {config.beta_start:g} to {config.beta_end:g}"
-    else:
-        beta_description = "the cosine schedule of Nichol & Dhariwal (2021)"
-    if args.train_data_dir is not None:
-        dataset_description = f"the image folder `{Path(args.train_data_dir).name}`"
-    elif args.dataset_name is not None:
-        dataset_description = f"the dataset `{args.dataset_name}`"
-    else:
-        dataset_description = "scikit-learn's handwritten digits (1,797 8x8 images, UCI ML hand-written digits)"
-    if accelerator.device.type == "cuda":
-        hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name(accelerator.device)}"
-    else:
-        hardware = f"{accelerator.num_processes} CPU process(es), {platform.processor() or platform.machine()}"
-    minutes = wall_time / 60
-    return {
-        "model_name": Path(args.output_dir).resolve().name,
-        "repo_id": args.hub_model_id or Path(args.output_dir).resolve().name,
-        "dataset_description": dataset_description,
-        "dataset_id": args.dataset_name if args.dataset_name and not Path(args.dataset_name).exists() else None,
-        "num_images": num_images,
-        "resolution": args.effective_resolution,
-        "channels": channels,
-        "random_flip": args.random_flip,
-        "model_preset": None if args.model_config_name_or_path else args.model_preset,
-        "num_parameters": f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M",
-        "num_train_timesteps": config.num_train_timesteps,
-        "beta_description": beta_description,
-        "prediction_description": {
-            "epsilon": "the added noise (epsilon)",
-            "v_prediction": "the velocity v",
-            "sample": "the clean image x_0",
-        }[config.prediction_type],
-        "variance_description": "sqrt(beta_t)",
-        "global_step": global_step,
-        "total_batch_size": args.train_batch_size * args.gradient_accumulation_steps,
-        "learning_rate": f"{args.learning_rate:g}",
-        "lr_scheduler": args.lr_scheduler,
-        "lr_warmup_steps": args.lr_warmup_steps,
-        "snr_gamma": args.snr_gamma,
-        "use_ema": args.use_ema,
-        "ema_max_decay": args.ema_max_decay,
-        "mixed_precision": accelerator.mixed_precision if accelerator.mixed_precision != "no" else "float32",
-        "hardware": hardware,
-        "wall_time": f"{minutes:.1f} minutes" if minutes < 120 else f"{minutes / 60:.1f} hours",
-        "sample_grid_caption": f"{args.eval_batch_size} samples, seed {args.seed}, "
-        f"{args.num_inference_steps} respaced steps.",
-    }
 
 
 def _loggable(args: TrainingArguments) -> dict:
