@@ -71,10 +71,12 @@ def training_card_facts(args, accelerator, unet, scheduler, global_step, channel
         dataset_description = f"the dataset `{args.dataset_name}`"
     else:
         dataset_description = "scikit-learn's handwritten digits (1,797 8x8 images, UCI ML hand-written digits)"
+    processes = accelerator.num_processes
     if accelerator.device.type == "cuda":
-        hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name(accelerator.device)}"
+        hardware = f"{processes} x {torch.cuda.get_device_name(accelerator.device)}"
     else:
-        hardware = f"{accelerator.num_processes} CPU process(es), {platform.processor() or platform.machine()}"
+        threads = torch.get_num_threads()
+        hardware = f"{processes} CPU process{'es' if processes > 1 else ''} x {threads} threads, {_cpu_name()}"
     minutes = wall_time / 60
     return {
         "model_name": Path(args.output_dir).resolve().name,
@@ -109,3 +111,14 @@ def training_card_facts(args, accelerator, unet, scheduler, global_step, channel
         "sample_grid_caption": f"{args.eval_batch_size} samples, seed {args.seed}, "
         f"{args.num_inference_steps} respaced steps.",
     }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
