@@ -128,11 +128,21 @@ class FaceDiffPipeline(DiffusionPipeline):
         index = cls.load_config(pretrained_model_name_or_path, **hub_kwargs)
         _check_model_index(index, pretrained_model_name_or_path)
         if unet is None:
-            unet = UNet2DModel.from_pretrained(pretrained_model_name_or_path, subfolder="unet", **hub_kwargs, **kwargs)
+            try:
+                unet = UNet2DModel.from_pretrained(
+                    pretrained_model_name_or_path, subfolder="unet", **hub_kwargs, **kwargs
+                )
+            except OSError as error:
+                raise OSError(
+                    f"{location}/unet: {_first_line(error)} Restore unet/ from the saved pipeline or save it again."
+                ) from error
         if scheduler is None:
-            scheduler = FaceDiffScheduler.from_pretrained(
-                pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs
-            )
+            try:
+                scheduler = FaceDiffScheduler.from_pretrained(
+                    pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs
+                )
+            except ValueError as error:
+                raise ValueError(f"{location}/scheduler/scheduler_config.json: {_first_line(error)}") from error
         pipeline = cls(unet=unet, scheduler=scheduler)
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipeline
@@ -236,6 +246,10 @@ class FaceDiffPipeline(DiffusionPipeline):
         index["_class_name"] = [pipeline_source.stem, FaceDiffPipeline.__name__]
         index["scheduler"] = [scheduler_source.stem, FaceDiffScheduler.__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]
 
 
 def _check_model_index(index: dict, location) -> None:

@@ -168,6 +168,30 @@ def test_pickle_weights_are_refused_by_default(gray_pipeline, tmp_path):
     FaceDiffPipeline.from_pretrained(tmp_path, use_safetensors=False)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_damaged_weights_give_one_line_naming_the_folder(gray_pipeline, tmp_path, damage):
+    gray_pipeline.save_pretrained(tmp_path)
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        weights.unlink()
+    with pytest.raises(OSError) as raised:
+        FaceDiffPipeline.from_pretrained(tmp_path)
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path}/unet: ") and "\n" not in message and "save it again" in message
+
+
+def test_invalid_scheduler_config_names_the_file(gray_pipeline, tmp_path):
+    gray_pipeline.save_pretrained(tmp_path)
+    config_path = tmp_path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["beta_end"] = 1e-5
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"scheduler/scheduler_config.json: beta_end \(1e-05\) must be greater"):
+        FaceDiffPipeline.from_pretrained(tmp_path)
+
+
 def test_model_index_naming_another_pipeline_is_refused(gray_pipeline, tmp_path):
     gray_pipeline.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
