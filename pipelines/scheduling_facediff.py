@@ -69,6 +69,11 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
             does not clip.
         clip_sample_range (`float`, defaults to 1.0):
             The clipping bound used when `clip_sample` is on.
+        eta (`float`, *optional*):
+            `None` (default) runs the document's update. A value in [0, 1] runs the DDIM update (Song et al. 2021,
+            eq. 12) on the same chain instead: `x_{t-1} = sqrt(alphabar_{t-1}) x_0 + sqrt(1 - alphabar_{t-1} -
+            sigma^2) eps + sigma z` with `sigma = eta * sqrt(beta_t (1 - alphabar_{t-1}) / (1 - alphabar_t))`; 0 is
+            deterministic, 1 equals the posterior-variance DDPM step. `variance_type` is then unused.
     """
 
     order = 1
@@ -84,6 +89,7 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         variance_type: str = "fixed_large",
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
+        eta: float | None = None,
     ):
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}.")
@@ -100,6 +106,8 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         _check_choice("variance_type", variance_type, VARIANCE_TYPES)
         if clip_sample_range <= 0:
             raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}.")
+        if eta is not None and not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1] (or be None for the document's update), got {eta}.")
 
         if beta_schedule == "linear":
             betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
@@ -259,16 +267,20 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         alpha_t = 1.0 - beta_t
 
         pred_original_sample, pred_epsilon = self._original_and_noise(model_output, sample, alpha_prod_t)
-        prev_sample = (sample - beta_t / math.sqrt(1.0 - alpha_prod_t) * pred_epsilon) / math.sqrt(alpha_t)
+        posterior_variance = beta_t * (1.0 - alpha_prod_t_prev) / (1.0 - alpha_prod_t)
+        if self.config.eta is None:
+            prev_sample = (sample - beta_t / math.sqrt(1.0 - alpha_prod_t) * pred_epsilon) / math.sqrt(alpha_t)
+            variance = posterior_variance if self.config.variance_type == "fixed_small" else beta_t
+        else:
+            variance = self.config.eta**2 * posterior_variance
+            direction = math.sqrt(max(1.0 - alpha_prod_t_prev - variance, 0.0))
+            prev_sample = math.sqrt(alpha_prod_t_prev) * pred_original_sample + direction * pred_epsilon
 
-        if prev_t >= 0:
+        if prev_t >= 0 and variance > 0:
             if variance_noise is None:
                 variance_noise = randn_tensor(
                     sample.shape, generator=generator, device=sample.device, dtype=sample.dtype
                 )
-            variance = beta_t
-            if self.config.variance_type == "fixed_small":
-                variance = beta_t * (1.0 - alpha_prod_t_prev) / (1.0 - alpha_prod_t)
             prev_sample = prev_sample + math.sqrt(variance) * variance_noise
 
         if not return_dict:
