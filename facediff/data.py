@@ -61,7 +61,7 @@ def load_raw_dataset(args: TrainingArguments) -> tuple[datasets.Dataset, str]:
 
 
 def detect_channels(dataset: datasets.Dataset, image_column: str) -> int:
-    """1 when every image is grayscale (read from the file headers only), else 3."""
+    """1 when every image is grayscale, else 3: read from the file headers (palette images are decoded to check)."""
     for item in dataset[image_column]:
         try:
             with _open(item) as image:
