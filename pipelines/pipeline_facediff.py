@@ -46,6 +46,7 @@ class FaceDiffPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        memory_format: torch.memory_format = torch.channels_last,
     ) -> ImagePipelineOutput | tuple:
         """
         Generate images.
@@ -63,6 +64,11 @@ class FaceDiffPipeline(DiffusionPipeline):
                 (N, C, H, W in [0, 1]).
             return_dict (`bool`, defaults to `True`):
                 Return an [`ImagePipelineOutput`] rather than a tuple.
+            memory_format (`torch.memory_format`, defaults to `torch.channels_last`):
+                Layout of the sample while sampling. Convolutions run faster on channels-last tensors (on CPU and
+                on CUDA) and every layer keeps the layout; the images are the same up to float rounding.
+                `torch.contiguous_format` turns it off. Converting the UNet too
+                (`pipe.unet.to(memory_format=torch.channels_last)`) gains a little more.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the images, as `images` or as the tuple's first element.
@@ -76,13 +82,14 @@ class FaceDiffPipeline(DiffusionPipeline):
         height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
         shape = (batch_size, self.unet.config.in_channels, height, width)
         image = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        image = image.contiguous(memory_format=memory_format)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_output = self.unet(image, t).sample
             image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
 
-        image = (image / 2 + 0.5).clamp(0, 1)
+        image = (image / 2 + 0.5).clamp(0, 1).contiguous()
         if output_type != "pt":
             image = image.permute(0, 2, 3, 1).float().cpu().numpy()
         if output_type == "pil":

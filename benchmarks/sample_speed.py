@@ -1,0 +1,145 @@
+"""Sampling speed: FaceDiffPipeline against diffusers' DDPMPipeline with the same UNet weights, in one run.
+
+    python benchmarks/sample_speed.py [--preset small] [--resolution 32] [--channels 1] [--batch-size 32]
+                                      [--steps 20] [--rounds 3] [--threads N] [--compile]
+
+Every variant samples the same batch with the same UNet weights, number of steps and threads; the variants alternate
+over rounds so that drift in the machine's speed hits all alike. The table gives the median seconds per step, the
+spread (min to max), the UNet's achieved GFLOP/s, and a float32 matmul's GFLOP/s measured in the same run as the
+machine's ceiling. `--compile` adds `torch.compile` (inductor) and reports its compile time separately.
+
+Identity: DDPMPipeline with `variance_type="fixed_large"` and `clip_sample=False` runs the document's update; both
+pipelines draw x_T and every step's noise from the same seeded generator in the same order, so over the full chain of
+T steps their images must agree up to float rounding. The check runs on a few images and prints the largest pixel
+difference.
+"""
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+
+from facediff import FaceDiffPipeline, FaceDiffScheduler, build_unet
+from facediff.unet_presets import forward_gflops
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The float32 matmul rate on this machine with the current threads: the ceiling a convolution can approach."""
+    left, right = torch.randn(size, size), torch.randn(size, size)
+    left @ right
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        left @ right
+        seconds.append(time.perf_counter() - started)
+    return 2 * size**3 / min(seconds) / 1e9
+
+
+def quiet(pipeline):
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def build_variants(unet, compile_unet: bool) -> dict:
+    """Callables `(batch_size, steps, seed) -> images in [0, 1], NCHW` for each variant, and compile seconds."""
+
+    def run_stock(pipeline):
+        def sample(batch_size, steps, seed):
+            generator = torch.Generator().manual_seed(seed)
+            output = pipeline(batch_size=batch_size, generator=generator, num_inference_steps=steps, output_type="np")
+            return torch.from_numpy(output.images).permute(0, 3, 1, 2)
+
+        return sample
+
+    def run_facediff(pipeline, memory_format):
+        def sample(batch_size, steps, seed):
+            generator = torch.Generator().manual_seed(seed)
+            return pipeline(
+                batch_size=batch_size,
+                generator=generator,
+                num_inference_steps=steps,
+                output_type="pt",
+                memory_format=memory_format,
+            ).images
+
+        return sample
+
+    stock_scheduler = DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large", clip_sample=False)
+    facediff = quiet(FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler()))
+    variants = {
+        "diffusers DDPMPipeline": run_stock(quiet(DDPMPipeline(unet=unet, scheduler=stock_scheduler))),
+        "facediff (default: channels_last)": run_facediff(facediff, torch.channels_last),
+        "facediff, memory_format=contiguous": run_facediff(facediff, torch.contiguous_format),
+    }
+    compile_seconds = None
+    if compile_unet:
+        compiled_unet = torch.compile(copy.deepcopy(unet).to(memory_format=torch.channels_last))
+        compiled = quiet(FaceDiffPipeline(unet=compiled_unet, scheduler=FaceDiffScheduler()))
+        variants["facediff + torch.compile"] = run_facediff(compiled, torch.channels_last)
+        started = time.perf_counter()
+        variants["facediff + torch.compile"](2, 2, 0)
+        compile_seconds = time.perf_counter() - started
+    return variants, compile_seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps per timed run")
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs per variant, alternating")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's default")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--check-images", type=int, default=2, help="images for the full-chain identity check")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    unet = build_unet(args.preset, args.resolution, args.channels).eval()
+    gflop_per_step = forward_gflops(unet, args.batch_size)
+    variants, compile_seconds = build_variants(unet, args.compile)
+    for sample in variants.values():
+        sample(args.batch_size, 2, 0)  # warm-up: oneDNN primitive caches, allocator
+
+    seconds = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, sample in variants.items():
+            started = time.perf_counter()
+            sample(args.batch_size, args.steps, 0)
+            seconds[name].append((time.perf_counter() - started) / args.steps)
+    ceiling = matmul_gflops()
+
+    stock_images = variants["diffusers DDPMPipeline"](args.check_images, 1000, 0)
+    facediff_images = variants["facediff (default: channels_last)"](args.check_images, 1000, 0)
+    largest_difference = (stock_images - facediff_images).abs().max().item()
+
+    print(
+        f"preset {args.preset}, {args.resolution}px, {args.channels} channel(s), batch {args.batch_size}, "
+        f"{args.steps} steps per run, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"float32 matmul: {ceiling:.0f} GFLOP/s"
+    )
+    print("| sampler | s/step (median) | spread | images/s | UNet GFLOP/s | vs DDPMPipeline |")
+    print("|---|---:|---:|---:|---:|---:|")
+    stock = statistics.median(seconds["diffusers DDPMPipeline"])
+    for name, timings in seconds.items():
+        median = statistics.median(timings)
+        print(
+            f"| {name} | {median:.3f} | {min(timings):.3f}-{max(timings):.3f} | {args.batch_size / median:.1f} | "
+            f"{gflop_per_step / median:.0f} | {stock / median:.2f}x |"
+        )
+    if compile_seconds is not None:
+        print(f"torch.compile: first call took {compile_seconds:.0f} s")
+    print(
+        f"Full chain of 1000 steps, {args.check_images} images, same generator: largest pixel difference between "
+        f"DDPMPipeline and FaceDiffPipeline = {largest_difference:.2e} (pixel range 0-1)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Sampling gives diffusers' images: FaceDiffPipeline against DDPMPipeline, and the memory-format speed option."""
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+
+
+def test_full_chain_matches_diffusers_ddpm_pipeline(gray_pipeline):
+    # DDPMPipeline with fixed_large variance and no clipping runs the document's update; both draw x_T and every
+    # step's noise from the generator in the same order, so the images agree up to float rounding.
+    stock_scheduler = DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large", clip_sample=False)
+    stock = DDPMPipeline(unet=gray_pipeline.unet, scheduler=stock_scheduler)
+    stock.set_progress_bar_config(disable=True)
+    gray_pipeline.set_progress_bar_config(disable=True)
+
+    expected = stock(batch_size=2, generator=torch.Generator().manual_seed(3), output_type="np").images
+    images = gray_pipeline(batch_size=2, generator=torch.Generator().manual_seed(3), output_type="np").images
+
+    assert images.shape == expected.shape == (2, 16, 16, 1)
+    assert abs(images - expected).max() < 2e-3
+    assert abs(images - expected).mean() < 1e-4
+
+
+def test_channels_last_gives_the_same_images(gray_pipeline, rgb_pipeline):
+    for pipeline in (gray_pipeline, rgb_pipeline):
+        pipeline.set_progress_bar_config(disable=True)
+        runs = {}
+        for memory_format in (torch.channels_last, torch.contiguous_format):
+            generator = torch.Generator().manual_seed(0)
+            runs[memory_format] = pipeline(
+                batch_size=3, generator=generator, num_inference_steps=10, output_type="pt", memory_format=memory_format
+            ).images
+        torch.testing.assert_close(runs[torch.channels_last], runs[torch.contiguous_format], atol=1e-3, rtol=0)
+        # Equal up to float rounding (oneDNN sums in another order); the tensor returned is in the ordinary layout.
+        assert runs[torch.channels_last].is_contiguous()
