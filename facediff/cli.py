@@ -1,13 +1,19 @@
-"""The `facediff` command: `facediff sample MODEL ...` draws images from a trained pipeline."""
+"""The `facediff` command: `facediff sample MODEL ...` draws images from a trained pipeline, `facediff eval MODEL
+--reference DATA ...` scores its samples against reference images."""
 
 import argparse
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .pipelines import FaceDiffPipeline
+from .model_card import EVAL_RESULTS_NAME, evaluation_table, model_digest, refresh_card_evaluation
+from .output_dir import write_json
+from .pipelines import FaceDiffPipeline, FaceDiffScheduler
 from .sample_grids import save_grid
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -25,26 +31,122 @@ def sample(args: argparse.Namespace) -> Path:
     Returns:
         `Path`: the grid.
     """
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype]).to(device)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype]).to(_device(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = []
-    with tqdm(total=args.num_images, desc=f"Sampling ({args.steps or 'all'} steps)", unit="image") as progress:
-        for start in range(0, args.num_images, args.batch_size):
-            indices = range(start, min(start + args.batch_size, args.num_images))
-            generators = [torch.Generator(device="cpu").manual_seed(args.seed + index) for index in indices]
-            batch = pipeline(batch_size=len(indices), generator=generators, num_inference_steps=args.steps).images
-            for index, image in zip(indices, batch, strict=True):
-                image.save(out / f"{index:05d}.png")
-            images += batch
-            progress.update(len(indices))
+    for indices, batch in draw(pipeline, args.num_images, args.steps, args.seed, args.batch_size, "pil"):
+        for index, image in zip(indices, batch, strict=True):
+            image.save(out / f"{index:05d}.png")
+        images += batch
     return save_grid(images, out / "grid.png")
 
 
+def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
+    """
+    Score `args.num_images` samples per step count in `args.steps` against the reference images; write the results
+    as JSON and, when they go into a model folder with a card, refresh its card.
+
+    Args:
+        args (`argparse.Namespace`):
+            `model`, `reference`, `num_images`, `steps`, `seed`, `batch_size`, `device`, `variance_type`, `eta`,
+            `inception_weights`, `no_inception`, `max_reference`, `out`.
+
+    Returns:
+        `tuple[dict, Path, Path | None]`: the results, the JSON file, and the refreshed card (or None).
+    """
+    # Imported here: torchmetrics adds a second or more to start-up, which `facediff sample` need not pay.
+    from .evaluation import MEMORISATION_PERCENTILE, SampleEvaluator, load_fid_inception, load_reference
+
+    model_folder = Path(args.model) if Path(args.model).is_dir() else None
+    if args.out is None and model_folder is None:
+        raise ValueError(f"{args.model} is not a local folder: pass --out FILE for the results.")
+    out = Path(args.out) if args.out is not None else model_folder / EVAL_RESULTS_NAME
+    inception = None if args.no_inception else load_fid_inception(args.inception_weights)
+    device = _device(args)
+    pipeline = FaceDiffPipeline.from_pretrained(args.model).to(device)
+    scheduler_options = {"variance_type": args.variance_type, "eta": args.eta}
+    scheduler_options = {name: value for name, value in scheduler_options.items() if value is not None}
+    if scheduler_options:
+        pipeline.scheduler = FaceDiffScheduler.from_config(pipeline.scheduler.config, **scheduler_options)
+    for steps in args.steps:  # fail now on a step count the schedule cannot take, not after the reference is read
+        pipeline.scheduler.set_timesteps(steps)
+    unet_config = pipeline.unet.config
+    reference = load_reference(
+        args.reference, unet_config.sample_size, unet_config.in_channels, args.max_reference, args.seed
+    )
+    evaluator = SampleEvaluator(reference, inception, args.batch_size, device, args.seed)
+    rows = []
+    for steps in args.steps:
+        start = time.perf_counter()
+        batches = draw(pipeline, args.num_images, steps, args.seed, args.batch_size, "np")
+        # Quantised as the PNGs that `facediff sample` writes.
+        samples = np.concatenate([(batch * 255).round().astype(np.uint8) for _, batch in batches])
+        sampling_seconds = time.perf_counter() - start
+        scores = evaluator.score(torch.from_numpy(samples).permute(0, 3, 1, 2).contiguous())
+        num_steps = steps or pipeline.scheduler.config.num_train_timesteps
+        rows.append({"steps": num_steps, **scores, "sampling_seconds": round(sampling_seconds, 1)})
+    results = {
+        "model": args.model,
+        "model_digest": model_digest(model_folder) if model_folder is not None else None,
+        "reference": args.reference,
+        "reference_name": _dataset_name(args.reference),
+        "num_reference": len(reference),
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "variance_type": pipeline.scheduler.config.variance_type,
+        "eta": pipeline.scheduler.config.eta,
+        "pixel_pca_components": evaluator.pixel_pca.num_features,
+        "memorisation_percentile": MEMORISATION_PERCENTILE,
+        "memorisation_threshold": evaluator.memorisation_threshold,
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, results)
+    writes_model_results = model_folder is not None and out.resolve() == (model_folder / EVAL_RESULTS_NAME).resolve()
+    card = model_folder / "README.md" if model_folder is not None else None
+    refreshed = refresh_card_evaluation(model_folder) if writes_model_results and card.is_file() else None
+    return results, out, refreshed
+
+
+def draw(
+    pipeline: FaceDiffPipeline, num_images: int, steps: int | None, seed: int, batch_size: int, output_type: str
+) -> Iterator[tuple[range, list | np.ndarray]]:
+    """
+    Draw images in batches; image i comes from its own generator seeded `seed + i`, so it is the same image
+    whatever the batch size.
+
+    Args:
+        pipeline (`FaceDiffPipeline`):
+            The sampler.
+        num_images (`int`):
+            How many.
+        steps (`int`, *optional*):
+            Respaced sampling steps; `None`: all T.
+        seed (`int`):
+            Seed of image 0.
+        batch_size (`int`):
+            Images per pipeline call.
+        output_type (`str`):
+            `"pil"` or `"np"`, as the pipeline takes it.
+
+    Returns:
+        `Iterator[tuple[range, list | np.ndarray]]`: the indices of each batch and its images.
+    """
+    pipeline.set_progress_bar_config(disable=True)
+    with tqdm(total=num_images, desc=f"Sampling ({steps or 'all'} steps)", unit="image") as progress:
+        for start in range(0, num_images, batch_size):
+            indices = range(start, min(start + batch_size, num_images))
+            generators = [torch.Generator(device="cpu").manual_seed(seed + index) for index in indices]
+            output = pipeline(
+                batch_size=len(indices), generator=generators, num_inference_steps=steps, output_type=output_type
+            )
+            yield indices, output.images
+            progress.update(len(indices))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facediff", description="Sample from facediff DDPM pipelines.")
+    parser = argparse.ArgumentParser(prog="facediff", description="Sample from and evaluate facediff DDPM pipelines.")
     commands = parser.add_subparsers(dest="command", required=True)
     sampler = commands.add_parser("sample", help="draw images from a trained pipeline")
     sampler.add_argument("model", help="a pipeline folder or a Hub repo id (user/name)")
@@ -55,24 +157,79 @@ def build_parser() -> argparse.ArgumentParser:
     sampler.add_argument("--out", default="samples", help="folder for the PNGs and grid.png")
     sampler.add_argument("--device", default=None, help="cpu, cuda, mps, ...; default: cuda when available")
     sampler.add_argument("--dtype", choices=list(DTYPES), default="float32")
+
+    evaluator = commands.add_parser(
+        "eval", help="score samples against reference images: FID, KID, a pixel-PCA Frechet distance, memorisation"
+    )
+    evaluator.add_argument("model", help="a pipeline folder or a Hub repo id (user/name)")
+    evaluator.add_argument(
+        "--reference", required=True, help="the training images: an image folder, a save_to_disk folder or a Hub id"
+    )
+    evaluator.add_argument(
+        "--num-images", type=_positive_pair, default=1000, help="samples per step count; default: 1000"
+    )
+    evaluator.add_argument(
+        "--steps", type=_positive, nargs="+", default=[None], help="respaced steps, one row each; default: all T"
+    )
+    evaluator.add_argument("--seed", type=int, default=0)
+    evaluator.add_argument("--batch-size", type=_positive, default=16)
+    evaluator.add_argument("--device", default=None, help="cpu, cuda, mps, ...; default: cuda when available")
+    evaluator.add_argument("--variance-type", choices=["fixed_large", "fixed_small"], default=None)
+    evaluator.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] on the same chain")
+    weights = evaluator.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--inception-weights",
+        default=None,
+        help="the FID Inception weights (pt_inception-2015-12-05-6726825d.pth); default: torch hub's cache",
+    )
+    weights.add_argument("--no-inception", action="store_true", help="skip FID and KID: no weights needed")
+    evaluator.add_argument(
+        "--max-reference", type=_positive_pair, default=None, help="use a seeded random subset of the reference images"
+    )
+    evaluator.add_argument("--out", default=None, help=f"the JSON results; default: MODEL/{EVAL_RESULTS_NAME}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        grid = sample(args)
+        if args.command == "sample":
+            grid = sample(args)
+            print(f"Wrote {args.num_images} images and {grid}")
+        else:
+            results, out, card = evaluate(args)
+            print(evaluation_table(results))
+            print(f"Wrote {out}" + (f" and refreshed {card}" if card is not None else ""))
     except (ValueError, OSError) as error:
         print(f"error: {error}".splitlines()[0], file=sys.stderr)
         return 2
-    print(f"Wrote {args.num_images} images and {grid}")
     return 0
+
+
+def _dataset_name(reference: str) -> str:
+    """A Hub id as it is; a folder by its name, with its parent's when the name is a split's (olivetti-faces/train)."""
+    path = Path(reference).resolve()
+    if not Path(reference).exists():
+        return reference
+    return f"{path.parent.name}/{path.name}" if path.name in ("train", "test", "validation") else path.name
+
+
+def _device(args: argparse.Namespace) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_pair(text: str) -> int:
+    """At least 2: a covariance or a nearest other image needs two."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
     return value
 
 

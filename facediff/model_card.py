@@ -1,15 +1,31 @@
 """The model card of a trained pipeline, rendered from the repository's `model_card.md` with
 `huggingface_hub.ModelCard`. What is unknown is left out, never filled with a placeholder."""
 
+import hashlib
+import json
+import logging
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
 
 TEMPLATE_NAME = "model_card.md"
+EVAL_RESULTS_NAME = "eval_results.json"
+# The files that decide what a saved pipeline draws, relative to its folder.
+MODEL_FILE_PATTERNS = ("unet/*.safetensors", "unet/config.json", "scheduler/scheduler_config.json")
+# (key in eval_results.json rows, model-index metric type, name)
+EVAL_METRICS = (
+    ("fid", "fid", "FID"),
+    ("kid_mean", "kid", "KID"),
+    ("pixel_pca_fd", "pixel-pca-fd", "pixel-PCA FD"),
+    ("memorised_share", "memorised-share", "memorised share"),
+)
 
 
 def template_path() -> Path:
@@ -31,8 +47,8 @@ def render_model_card(facts: dict) -> ModelCard:
         facts (`dict`):
             What the template shows: `model_name`, `repo_id`, `dataset_description`, `dataset_id` (a Hub dataset,
             or None), `license` (or None), `resolution`, `channels`, scheduler and training settings, `hardware`,
-            `wall_time`, `sample_grid` (a relative path, or None) and, when evaluated, `evaluation_table` and
-            `eval_results` (a list of `huggingface_hub.EvalResult`).
+            `wall_time`, `sample_grid` (a relative path, or None) and, when evaluated, `evaluation_setup`,
+            `evaluation_table` and `eval_results` (a list of `huggingface_hub.EvalResult`): see `evaluation_facts`.
 
     Returns:
         `huggingface_hub.ModelCard`
@@ -50,10 +66,134 @@ def render_model_card(facts: dict) -> ModelCard:
 
 
 def write_model_card(facts: dict, folder: str | os.PathLike) -> Path:
-    """Render the card into `folder/README.md`, atomically; returns its path."""
+    """Render the card into `folder/README.md`, atomically, with the folder's evaluation results when they are about
+    the weights it holds; returns its path."""
+    return _write_card(render_model_card({**evaluation_facts(folder), **facts}), folder)
+
+
+def model_digest(folder: str | os.PathLike) -> str:
+    """SHA-256 over a saved pipeline's UNet weights and config and its scheduler config."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(path for pattern in MODEL_FILE_PATTERNS for path in folder.glob(pattern)):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def evaluation_table(results: dict) -> str:
+    """
+    The results of `facediff eval` as a markdown table, one row per sampling step count.
+
+    Args:
+        results (`dict`):
+            The content of `eval_results.json`.
+
+    Returns:
+        `str`
+    """
+    has_inception = "fid" in results["rows"][0]
+    header = ["steps", *(["FID", "KID"] if has_inception else []), "pixel-PCA FD", "memorised"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for row in results["rows"]:
+        cells = [str(row["steps"])]
+        if has_inception:
+            cells += [f"{row['fid']:.2f}", f"{row['kid_mean']:.4f} ± {row['kid_std']:.4f}"]
+        cells += [f"{row['pixel_pca_fd']:.3f}", f"{row['memorised_share']:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluation_facts(folder: str | os.PathLike) -> dict:
+    """
+    `evaluation_setup`, `evaluation_table` and `eval_results` for the card, from `folder/eval_results.json`; empty
+    when there is no such file or it was written for other weights (an earlier run in the same folder, say).
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            A saved pipeline.
+
+    Returns:
+        `dict`
+    """
+    path = Path(folder) / EVAL_RESULTS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        logger.warning("Leaving %s out of the model card: it is not JSON (%s).", path, error)
+        return {}
+    if results.get("model_digest") != model_digest(folder):
+        logger.warning("Leaving %s out of the model card: it evaluated other weights; run facediff eval again.", path)
+        return {}
+    return {
+        "evaluation_setup": _evaluation_setup(results),
+        "evaluation_table": evaluation_table(results),
+        "eval_results": [
+            EvalResult(
+                task_type="unconditional-image-generation",
+                dataset_type=results["reference_name"],
+                dataset_name=results["reference_name"],
+                metric_type=metric_type,
+                metric_value=round(row[key], 6),
+                metric_name=f"{name} ({row['steps']} steps, {results['num_images']} samples)",
+            )
+            for row in results["rows"]
+            for key, metric_type, name in EVAL_METRICS
+            if key in row
+        ],
+    }
+
+
+def refresh_card_evaluation(folder: str | os.PathLike) -> Path:
+    """
+    Put the folder's evaluation results into its existing card (`README.md`): the `model-index` metadata and the
+    Evaluation section, replaced or added; the rest of the card is kept as it is.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            A saved pipeline with a `README.md`.
+
+    Returns:
+        `Path`: the card.
+    """
+    card = ModelCard.load(Path(folder) / "README.md")
+    facts = evaluation_facts(folder)
+    card.data.eval_results = facts.get("eval_results")
+    card.data.model_name = card.data.model_name or Path(folder).resolve().name
+    text = re.sub(r"\n## Evaluation\n.*?(?=\n## |\Z)", "", card.text, flags=re.DOTALL).rstrip("\n") + "\n"
+    if facts:
+        text += f"\n## Evaluation\n\n{facts['evaluation_setup']}\n\n{facts['evaluation_table']}\n"
+    card.text = text
+    return _write_card(card, folder)
+
+
+def _evaluation_setup(results: dict) -> str:
+    sampler = f"`variance_type` {results['variance_type']}" + (
+        "" if results["eta"] is None else f", eta {results['eta']}"
+    )
+    inception = (
+        "FID and KID use the standard FID Inception's features. "
+        if "fid" in results["rows"][0]
+        else "FID and KID were left out (run without the Inception weights). "
+    )
+    return (
+        f"{results['num_images']} samples per row (seed {results['seed']}, {sampler}) against "
+        f"{results['num_reference']} images of `{results['reference_name']}`, by `facediff eval`. {inception}"
+        f"Pixel-PCA FD is the Frechet distance between pixel statistics on the reference images' top "
+        f"{results['pixel_pca_components']} principal components: it needs no download, and it is not comparable "
+        f"with published FIDs. Memorised is the share of samples closer to a reference image than "
+        f"{100 - results['memorisation_percentile']:g}% of reference images are to their nearest other one."
+    )
+
+
+def _write_card(card: ModelCard, folder: str | os.PathLike) -> Path:
     path = Path(folder) / "README.md"
     partial = path.with_name(".README.md.partial")
-    partial.write_text(str(render_model_card(facts)), encoding="utf-8")
+    partial.write_text(str(card), encoding="utf-8")
     os.replace(partial, path)
     return path
 
