@@ -1,13 +1,17 @@
 """Resumable checkpoints: Accelerate's `save_state` into a staging folder, renamed into place when complete.
 
 A checkpoint is `checkpoint-<step>` and nothing else: a process killed mid-save leaves only a `.checkpoint-*`
-staging folder, which `latest` never picks and the next save clears away.
+staging folder, which `latest` never picks and the next save clears away. A save that fails (a full disk) removes
+its staging folder and leaves the previous checkpoints as they were.
 """
 
+import errno
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -71,7 +75,14 @@ def checkpoint_step(checkpoint: Path) -> int:
     return json.loads((checkpoint / STATE_FILE).read_text())["global_step"]
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, global_step: int, total_limit: int | None) -> Path:
+def checkpoint_training_args(checkpoint: Path) -> dict | None:
+    """The training arguments of the run that saved a checkpoint (None for checkpoints saved before they were kept)."""
+    return json.loads((checkpoint / STATE_FILE).read_text()).get("training_args")
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, global_step: int, total_limit: int | None, training_args: dict
+) -> Path:
     """
     Save everything needed to resume exactly (weights, optimizer, registered objects such as the LR schedule and
     EMA, every process's RNG states) as `output_dir/checkpoint-<global_step>`; call on every process.
@@ -85,9 +96,14 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, global_step: int
             Optimizer steps taken.
         total_limit (`int`, *optional*):
             Keep only this many newest checkpoints.
+        training_args (`dict`):
+            The run's arguments, kept in the checkpoint so that resuming with different settings can be refused.
 
     Returns:
         `Path`: the checkpoint.
+
+    Raises:
+        `DiskFullError`: the disk filled up; the staging folder is removed and the older checkpoints are intact.
     """
     final = output_dir / f"checkpoint-{global_step}"
     staging = output_dir / f".checkpoint-{global_step}.partial"
@@ -95,11 +111,19 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, global_step: int
         for leftover in output_dir.glob(".checkpoint-*.partial"):
             shutil.rmtree(leftover)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
+    try:
+        with explain_disk_full(final.name, output_dir):
+            accelerator.save_state(str(staging))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = {"global_step": global_step, "training_args": training_args}
+                (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+                _sync_to_disk(staging)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # gives back the space the incomplete copy took
+        raise
     if accelerator.is_main_process:
-        (staging / STATE_FILE).write_text(json.dumps({"global_step": global_step}) + "\n")
-        _sync_to_disk(staging)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -116,3 +140,33 @@ def _sync_to_disk(folder: Path):
         if path.is_file():
             with open(path, "rb") as file:
                 os.fsync(file.fileno())
+
+
+class DiskFullError(OSError):
+    """The disk filled up during a save; what was saved before is intact."""
+
+
+@contextmanager
+def explain_disk_full(what: str, output_dir: Path) -> Iterator[None]:
+    """
+    Turn a full disk while writing `what` into a one-line `DiskFullError` that names the folder, the newest
+    checkpoint still intact and the fix.
+
+    Args:
+        what (`str`):
+            What was being written, e.g. "checkpoint-400".
+        output_dir (`Path`):
+            The run's output folder.
+    """
+    try:
+        yield
+    except Exception as error:
+        # safetensors reports a full disk as a SafetensorError carrying the OS's message, not as an OSError.
+        if getattr(error, "errno", None) != errno.ENOSPC and os.strerror(errno.ENOSPC) not in str(error):
+            raise
+        checkpoints = list_checkpoints(output_dir)
+        kept = f"{checkpoints[-1].name} is the newest checkpoint, intact" if checkpoints else "no checkpoint is saved"
+        raise DiskFullError(
+            f"The disk holding {output_dir} is full: {what} could not be written ({kept}). Free some space, then "
+            "rerun the same command with --resume_from_checkpoint latest."
+        ) from error

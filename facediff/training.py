@@ -135,10 +135,11 @@ def train(args: TrainingArguments) -> TrainingResult:
         f"Training on {len(train_dataset)} images ({channels} channel(s), {args.effective_resolution}px), "
         f"{max_train_steps} steps of {args.train_batch_size} images on {accelerator.num_processes} process(es)"
     )
-    with StopRequest() as stop:
-        progress = tqdm(
-            total=max_train_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
-        )
+    # The bar closes on an error too, so that the error is the last line printed.
+    progress = tqdm(
+        total=max_train_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
+    )
+    with StopRequest() as stop, progress:
         running_loss, window_start, window_images = None, time.monotonic(), 0
         for epoch in range(first_epoch, num_epochs):
             dataloader.set_epoch(epoch)
@@ -180,7 +181,7 @@ def train(args: TrainingArguments) -> TrainingResult:
 
                 if global_step % args.checkpointing_steps == 0 and global_step < max_train_steps:
                     saved = checkpointing.save_checkpoint(
-                        accelerator, output_dir, global_step, args.checkpoints_total_limit
+                        accelerator, output_dir, global_step, args.checkpoints_total_limit, args.to_dict()
                     )
                     logger.info(f"Saved checkpoint {saved}")
                 if global_step % args.save_images_steps == 0 and global_step < max_train_steps:
@@ -195,7 +196,6 @@ def train(args: TrainingArguments) -> TrainingResult:
                     break
             if global_step >= max_train_steps:
                 break
-        progress.close()
 
     accelerator.wait_for_everyone()
     wall_time = time.monotonic() - started
@@ -219,7 +219,9 @@ def train(args: TrainingArguments) -> TrainingResult:
 
 
 def _stop_on_signal(args, accelerator: Accelerator, output_dir: Path, global_step: int, signum: int | None):
-    saved = checkpointing.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+    saved = checkpointing.save_checkpoint(
+        accelerator, output_dir, global_step, args.checkpoints_total_limit, args.to_dict()
+    )
     name = signal.Signals(signum).name if signum is not None else "a signal on another process"
     raise TrainingInterrupted(
         f"Stopped by {name} at step {global_step}; saved {saved}. Resume with the same command plus "
@@ -314,9 +316,11 @@ def _resume(args: TrainingArguments, accelerator: Accelerator, output_dir: Path)
 
 def _non_finite_message(step: int, what: str, values: torch.Tensor, output_dir: Path) -> str:
     checkpoints = checkpointing.list_checkpoints(output_dir)
+    # A resume restores the checkpoint's learning rate, so a lower one needs a fresh run.
     kept = (
-        f"the last good checkpoint, {checkpoints[-1]}, is kept: resume from it with "
-        "--resume_from_checkpoint latest and a lower --learning_rate (or --mixed_precision no)"
+        f"the last good checkpoint, {checkpoints[-1]}, is kept: resume from it with --resume_from_checkpoint "
+        "latest --mixed_precision no if fp16 overflowed, or start again with a lower --learning_rate in another "
+        "--output_dir (or with --overwrite_output_dir)"
         if checkpoints
         else "no checkpoint was written yet: restart with a lower --learning_rate (or --mixed_precision no)"
     )
@@ -330,7 +334,9 @@ def _save_samples(args, accelerator, unet, scheduler, ema, output_dir: Path, glo
         images = sample_images(
             accelerator.unwrap_model(unet), scheduler, args.eval_batch_size, args.num_inference_steps, args.seed, ema
         )
-        save_grid(images, output_dir / "samples" / f"step-{global_step:06d}.png")
+        grid = output_dir / "samples" / f"step-{global_step:06d}.png"
+        with checkpointing.explain_disk_full(f"the sample grid {grid.name}", output_dir):
+            save_grid(images, grid)
         log_images(accelerator, images, global_step)
     accelerator.wait_for_everyone()
 
@@ -340,16 +346,18 @@ def _save_final(
 ):
     unet = accelerator.unwrap_model(unet)
     images = sample_images(unet, scheduler, args.eval_batch_size, args.num_inference_steps, args.seed, ema)
-    grid = save_grid(images, output_dir / "sample_grid.png")
     log_images(accelerator, images, global_step)
     if ema is not None:
         unet = copy.deepcopy(unet)
         ema.copy_to(unet.parameters())
     pipeline = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler.from_config(scheduler.config))
-    pipeline.save_pretrained(output_dir)
-    write_json(output_dir / "training_args.json", args.to_dict())
-    facts = training_card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time)
-    write_model_card({**facts, "sample_grid": grid.name}, output_dir)
+    # Each write is atomic, so a full disk leaves the pipeline saved there before (if any) whole.
+    with checkpointing.explain_disk_full("the final pipeline", output_dir):
+        grid = save_grid(images, output_dir / "sample_grid.png")
+        pipeline.save_pretrained(output_dir)
+        write_json(output_dir / "training_args.json", args.to_dict())
+        facts = training_card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time)
+        write_model_card({**facts, "sample_grid": grid.name}, output_dir)
     if args.push_to_hub:
         repo_id = args.hub_model_id or output_dir.resolve().name
         commit = pipeline.push_to_hub(repo_id, private=args.hub_private_repo, card_folder=output_dir)

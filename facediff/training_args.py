@@ -3,10 +3,14 @@
 Flag names follow diffusers' `examples/unconditional_image_generation/train_unconditional.py` where they overlap.
 """
 
+import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
+import yaml
+from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
 from .unet_presets import UNET_PRESETS, unet_config
@@ -124,6 +128,15 @@ class TrainingArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
+        schedules = [schedule.value for schedule in SchedulerType]
+        if self.lr_scheduler not in schedules:
+            raise ValueError(f"--lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(schedules)}.")
+        config = self.model_config_name_or_path
+        if config is not None and not (Path(config).is_file() or (Path(config) / "config.json").is_file()):
+            raise ValueError(
+                f"--model_config_name_or_path {config} is neither a config.json nor a folder holding one: "
+                "pass a UNet2DModel config, or --model_preset instead."
+            )
         if self.num_inference_steps > self.ddpm_num_steps:
             raise ValueError(
                 f"--num_inference_steps ({self.num_inference_steps}) cannot exceed --ddpm_num_steps "
@@ -166,11 +179,32 @@ def parse_training_arguments(argv: list[str] | None = None) -> TrainingArguments
         `TrainingArguments`
     """
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(TrainingArguments)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (arguments,) = parser.parse_yaml_file(argv[0])
-    elif len(argv) == 1 and argv[0].endswith(".json"):
-        (arguments,) = parser.parse_json_file(argv[0])
-    else:
-        (arguments,) = parser.parse_args_into_dataclasses(args=argv)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        # Through the flags, so that a file's values are converted and checked exactly as the command line's are
+        # (YAML reads 1e-4 as a string; a value outside a flag's choices is refused).
+        settings = _read_config_file(Path(argv[0]))
+        argv = [f"--{name}={value}" for name, value in settings.items() if value is not None]
+    arguments, unknown = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
+    if unknown:
+        raise ValueError(f"Unknown argument(s) {' '.join(unknown)}: `train_accelerate.py --help` lists the flags.")
     return arguments
+
+
+def _read_config_file(path: Path) -> dict:
+    try:
+        settings = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        problem = " ".join(str(error).split())
+        language = "JSON" if path.suffix == ".json" else "YAML"
+        raise ValueError(f"{path} is not valid {language} ({problem}): fix the file.") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} must map setting names to values, one per line, e.g. `learning_rate: 0.0001`.")
+    unknown = sorted(set(settings) - {spec.name for spec in fields(TrainingArguments)})
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown setting(s) {', '.join(unknown)}: the names are the flags' without the leading --, "
+            "as `train_accelerate.py --help` lists them."
+        )
+    return settings

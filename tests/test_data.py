@@ -1,6 +1,8 @@
-"""Image loading: every PIL mode converts correctly, channels follow the data, and bad data is reported up front."""
+"""Image loading: every PIL mode converts correctly, channels follow the data, and bad data, flags and config files
+are refused up front, before anything is written."""
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +13,12 @@ import pytest
 from accelerate.state import AcceleratorState
 from PIL import Image
 
-from facediff import data
+from facediff import build_unet, data
 from facediff.training import train
 from facediff.training_args import parse_training_arguments
 
 from .conftest import OLIVETTI
+from .test_training import folder_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +164,18 @@ def empty_folder(tmp_path) -> Path:
     return tmp_path / "empty"
 
 
-BAD_DATA = [
+def rgb_unet_config(tmp_path) -> Path:
+    build_unet("small", 16, 3).save_config(tmp_path / "rgb-unet")
+    return tmp_path / "rgb-unet"
+
+
+def checkpoint_without_state(tmp_path) -> Path:
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "model.safetensors").write_bytes(b"half a checkpoint")
+    return tmp_path / "checkpoint-3"
+
+
+BAD_INPUTS = [
     (lambda tmp: ["--train_data_dir", str(tmp / "missing")], r"--train_data_dir .*missing does not exist"),
     (lambda tmp: ["--train_data_dir", str(file_not_folder(tmp))], r"is a file, not a folder"),
     (lambda tmp: ["--train_data_dir", str(empty_folder(tmp))], r"is empty: put images in it"),
@@ -184,15 +198,74 @@ BAD_DATA = [
     (lambda tmp: ["--num_inference_steps", "2000"], r"--num_inference_steps \(2000\) cannot exceed"),
     (lambda tmp: ["--train_batch_size", "0"], r"--train_batch_size must be at least 1"),
     (lambda tmp: ["--learning_rate", "-1"], r"--learning_rate must be positive"),
+    (lambda tmp: ["--lr_scheduler", "cosin"], r"--lr_scheduler 'cosin' is not one of linear, cosine,"),
+    (
+        lambda tmp: ["--lerning_rate", "1e-4"],
+        r"Unknown argument\(s\) --lerning_rate 1e-4: `train_accelerate.py --help` lists the flags",
+    ),
+    (
+        lambda tmp: ["--model_config_name_or_path", str(tmp / "unet.json")],
+        r"unet.json is neither a config.json nor a folder holding one",
+    ),
+    (
+        lambda tmp: ["--train_data_dir", str(OLIVETTI), "--model_config_name_or_path", str(rgb_unet_config(tmp))],
+        r"rgb-unet takes 3 channel\(s\) but the data has 1: pass --num_channels 3",
+    ),
+    (
+        lambda tmp: ["--output_dir", str(file_not_folder(tmp) / "out")],
+        r"Cannot write to --output_dir .*faces.zip is not a writable folder\): choose a writable folder",
+    ),
+    (
+        lambda tmp: ["--resume_from_checkpoint", str(tmp / "checkpoint-9")],
+        r"--resume_from_checkpoint .*checkpoint-9 does not exist: pass a checkpoint-<step> folder or 'latest'",
+    ),
+    (
+        lambda tmp: ["--resume_from_checkpoint", str(checkpoint_without_state(tmp))],
+        r"checkpoint-3 is not a complete facediff checkpoint \(no facediff_state.json\)",
+    ),
 ]
 
 
-@pytest.mark.parametrize("make_flags,message", BAD_DATA)
-def test_bad_data_is_refused_before_anything_is_written(tmp_path, make_flags, message):
+@pytest.mark.parametrize("make_flags,message", BAD_INPUTS)
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, make_flags, message):
     flags = make_flags(tmp_path)
+    before = folder_state(tmp_path)
     with pytest.raises(ValueError, match=message):
         train(parse_training_arguments(train_flags(tmp_path, *flags)))
-    assert not (tmp_path / "out").exists()
+    assert folder_state(tmp_path) == before  # not even --output_dir was created
+
+
+BAD_CONFIG_FILES = [
+    ("run.yaml", "output_dir: OUT\nlearning_rate: [1e-4\n", r"run.yaml is not valid YAML \(.*line 2.*\): fix the file"),
+    ("run.json", '{"output_dir": "OUT",}', r"run.json is not valid JSON \(Expecting property name .*\): fix the file"),
+    ("run.yaml", "output_dir: OUT\nlerning_rate: 1e-4\n", r"run.yaml: unknown setting\(s\) lerning_rate: .* --help"),
+    ("run.yaml", "- output_dir\n- OUT\n", r"run.yaml must map setting names to values"),
+]
+
+
+@pytest.mark.parametrize("name,text,message", BAD_CONFIG_FILES)
+def test_bad_config_files_are_refused_before_anything_is_written(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text.replace("OUT", str(tmp_path / "out")))
+    before = folder_state(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        train(parse_training_arguments([str(tmp_path / name)]))
+    assert folder_state(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "setting,complaint",
+    [
+        ("prediction_type: x0", r"argument --prediction_type.*: invalid choice: 'x0' \(choose from 'epsilon'"),
+        ("train_batch_size: eight", r"argument --train_batch_size.*: invalid int value: 'eight'"),
+    ],
+)
+def test_config_file_values_are_checked_as_flags_are(tmp_path, capsys, setting, complaint):
+    (tmp_path / "run.yaml").write_text(f"output_dir: {tmp_path / 'out'}\n{setting}\n")
+    before = folder_state(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        parse_training_arguments([str(tmp_path / "run.yaml")])
+    assert exited.value.code == 2 and re.search(complaint, capsys.readouterr().err)
+    assert folder_state(tmp_path) == before
 
 
 def test_the_command_line_prints_one_line_and_exits_non_zero(tmp_path):
@@ -204,4 +277,4 @@ def test_the_command_line_prints_one_line_and_exits_non_zero(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --train_data_dir")
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.iterdir())

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from PIL import Image
 from facediff import FaceDiffPipeline, FaceDiffScheduler
 
 from .conftest import lay_out_as_hub_cache
+from .test_training import folder_state
 
 STEPS = 8
 
@@ -154,17 +156,24 @@ def test_failed_save_leaves_the_previous_pipeline_intact(gray_pipeline, rgb_pipe
     assert after == before
 
 
+# Every refused load below also checks that the folder is left exactly as it was: loading never writes.
+
+
 def test_plain_diffusers_refuses_the_folder_without_trust_remote_code(gray_pipeline, tmp_path):
     gray_pipeline.save_pretrained(tmp_path)
+    before = folder_state(tmp_path)
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         DiffusionPipeline.from_pretrained(tmp_path)
+    assert folder_state(tmp_path) == before
 
 
 def test_pickle_weights_are_refused_by_default(gray_pipeline, tmp_path):
     gray_pipeline.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").exists()
+    before = folder_state(tmp_path)
     with pytest.raises(EnvironmentError, match="safetensors"):
         FaceDiffPipeline.from_pretrained(tmp_path)
+    assert folder_state(tmp_path) == before
     FaceDiffPipeline.from_pretrained(tmp_path, use_safetensors=False)
 
 
@@ -176,10 +185,12 @@ def test_damaged_weights_give_one_line_naming_the_folder(gray_pipeline, tmp_path
         weights.write_bytes(weights.read_bytes()[:1000])
     else:
         weights.unlink()
+    before = folder_state(tmp_path)
     with pytest.raises(OSError) as raised:
         FaceDiffPipeline.from_pretrained(tmp_path)
     message = str(raised.value)
     assert message.startswith(f"{tmp_path}/unet: ") and "\n" not in message and "save it again" in message
+    assert folder_state(tmp_path) == before
 
 
 def test_invalid_scheduler_config_names_the_file(gray_pipeline, tmp_path):
@@ -188,17 +199,40 @@ def test_invalid_scheduler_config_names_the_file(gray_pipeline, tmp_path):
     config = json.loads(config_path.read_text())
     config["beta_end"] = 1e-5
     config_path.write_text(json.dumps(config))
+    before = folder_state(tmp_path)
     with pytest.raises(ValueError, match=r"scheduler/scheduler_config.json: beta_end \(1e-05\) must be greater"):
         FaceDiffPipeline.from_pretrained(tmp_path)
+    assert folder_state(tmp_path) == before
 
 
-def test_model_index_naming_another_pipeline_is_refused(gray_pipeline, tmp_path):
+@pytest.mark.parametrize(
+    "key,entry,message",
+    [
+        (
+            "scheduler",
+            ["diffusers", "DDIMScheduler"],
+            r"names scheduler=\['diffusers', 'DDIMScheduler'\].*FaceDiffScheduler",
+        ),
+        ("unet", ["nowhere", "NoSuchModel"], r"names unet=\['nowhere', 'NoSuchModel'\], but .* needs UNet2DModel"),
+    ],
+)
+def test_model_index_naming_other_classes_is_refused(gray_pipeline, tmp_path, key, entry, message):
     gray_pipeline.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    index[key] = entry
     (tmp_path / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"model_index.json names scheduler=.*DDIMScheduler.*FaceDiffScheduler"):
+    before = folder_state(tmp_path)
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path))}/model_index.json {message}"):
         FaceDiffPipeline.from_pretrained(tmp_path)
+    assert folder_state(tmp_path) == before
+
+
+def test_a_training_folder_without_a_pipeline_is_refused(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()  # a run stopped before its end has checkpoints only
+    before = folder_state(tmp_path)
+    with pytest.raises(OSError, match=f"no file named model_index.json found in directory {re.escape(str(tmp_path))}"):
+        FaceDiffPipeline.from_pretrained(tmp_path)
+    assert folder_state(tmp_path) == before
 
 
 def test_loads_a_hub_repo_id_from_the_hub_cache(gray_pipeline, tmp_path):

@@ -27,6 +27,15 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def folder_state(folder) -> dict:
+    """Every entry under `folder` with its modification time, and each file's bytes: equal before and after means
+    nothing was written, overwritten, created or deleted there."""
+    return {
+        str(path.relative_to(folder)): (path.stat().st_mtime_ns, path.read_bytes() if path.is_file() else None)
+        for path in [folder, *folder.rglob("*")]
+    }
+
+
 def tiny_run(output_dir, *flags) -> list[str]:
     return [
         "--output_dir", str(output_dir),
@@ -202,16 +211,32 @@ def test_refuses_an_output_dir_holding_another_run(tmp_path):
     output = tmp_path / "run"
     flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "2"]
     train(parse_training_arguments(tiny_run(output, *flags)))
-    before = sorted(path.name for path in output.iterdir())
+    before = folder_state(output)
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(ValueError, match="already holds a training run.*--overwrite_output_dir"):
         train(parse_training_arguments(tiny_run(output, *flags)))
-    assert sorted(path.name for path in output.iterdir()) == before
+    assert folder_state(output) == before
     train(parse_training_arguments(tiny_run(output, *flags, "--overwrite_output_dir")))
 
 
+def test_same_seed_and_flags_give_identical_weights_and_samples(tmp_path):
+    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "2",
+             "--save_images_steps", "1", "--random_flip"]  # fmt: skip
+    for name in ("first", "second"):
+        train(parse_training_arguments(tiny_run(tmp_path / name, *flags)))
+        AcceleratorState._reset_state(reset_partial_state=True)
+    first = load_file(tmp_path / "first/unet/diffusion_pytorch_model.safetensors")
+    second = load_file(tmp_path / "second/unet/diffusion_pytorch_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+    for grid in ("sample_grid.png", "samples/step-000001.png"):
+        assert np.array_equal(
+            np.asarray(Image.open(tmp_path / "first" / grid)), np.asarray(Image.open(tmp_path / "second" / grid))
+        )
+
+
 def test_config_files_give_the_same_arguments_as_flags(tmp_path):
-    (tmp_path / "run.yaml").write_text("output_dir: out\nlearning_rate: 0.001\nuse_ema: false\nrandom_flip: true\n")
+    # YAML reads 1e-3 as a string; it must still become the float the flag gives.
+    (tmp_path / "run.yaml").write_text("output_dir: out\nlearning_rate: 1e-3\nuse_ema: false\nrandom_flip: true\n")
     (tmp_path / "run.json").write_text(json.dumps({"output_dir": "out", "learning_rate": 1e-3, "use_ema": False,
                                                    "random_flip": True}))  # fmt: skip
     from_flags = parse_training_arguments(["--output_dir", "out", "--learning_rate", "1e-3", "--use_ema", "false",

@@ -1,0 +1,114 @@
+"""Resuming refuses a folder or checkpoint saved by a different run, before anything is written."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+from accelerate.state import AcceleratorState
+
+from facediff.output_dir import RESUMABLE_SETTINGS, RUN_DEFINING_SETTINGS
+from facediff.training import train
+from facediff.training_args import TrainingArguments, parse_training_arguments
+
+from .conftest import OLIVETTI, UTKFACE
+from .test_training import folder_state, tiny_run
+
+DATA = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--save_images_steps", "100",
+        "--eval_batch_size", "1", "--num_inference_steps", "1"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run that ended: its checkpoint-2 and its training_args.json both record its settings."""
+    output = tmp_path_factory.mktemp("finished") / "run"
+    train(parse_training_arguments(tiny_run(output, *DATA)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return output
+
+
+@pytest.fixture
+def run(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def resume(output, *flags):
+    return train(parse_training_arguments(tiny_run(output, *DATA, *flags, "--resume_from_checkpoint", "latest")))
+
+
+def test_every_setting_is_either_run_defining_or_free_to_change_on_resume():
+    names = {spec.name for spec in dataclasses.fields(TrainingArguments)}
+    assert set(RUN_DEFINING_SETTINGS) | set(RESUMABLE_SETTINGS) == names
+    assert not set(RUN_DEFINING_SETTINGS) & set(RESUMABLE_SETTINGS)
+
+
+CHANGES = [
+    (["--resolution", "32"], "--resolution 32 (saved: 16)"),
+    (["--seed", "1"], "--seed 1 (saved: 0)"),
+    (["--model_preset", "base"], "--model_preset base (saved: small)"),
+    (["--prediction_type", "v_prediction"], "--prediction_type v_prediction (saved: epsilon)"),
+    (["--train_batch_size", "4"], "--train_batch_size 4 (saved: 8)"),
+    (["--learning_rate", "1e-5"], "--learning_rate 1e-05 (saved: 0.0002)"),
+    (["--use_ema", "false"], "--use_ema False (saved: True)"),
+    (["--train_data_dir", str(UTKFACE)], f"--train_data_dir {UTKFACE} (saved: {OLIVETTI})"),
+]
+
+
+@pytest.mark.parametrize("flags,difference", CHANGES)
+def test_a_resume_that_changes_the_run_is_refused(run, flags, difference):
+    before = folder_state(run)
+    with pytest.raises(ValueError) as refused:
+        resume(run, *flags)
+    assert str(refused.value) == (
+        f"--resume_from_checkpoint latest: {run / 'training_args.json'} is from a different run ({difference}): "
+        "resume with the saved settings, or start a new run in another --output_dir (or with --overwrite_output_dir "
+        "and without --resume_from_checkpoint)."
+    )
+    assert folder_state(run) == before
+
+
+def test_a_checkpoint_alone_is_enough_to_refuse(run):
+    # A run stopped before its end has no training_args.json: its checkpoints carry its settings.
+    (run / "training_args.json").unlink()
+    before = folder_state(run)
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint-2 is from a different run \(--center_crop True \(saved: False\), --seed 7 \(saved: 0\)\)",
+    ):
+        resume(run, "--seed", "7", "--center_crop")
+    assert folder_state(run) == before
+
+
+def test_a_finished_run_without_checkpoints_is_refused_too(run):
+    shutil.rmtree(run / "checkpoint-2")
+    before = folder_state(run)
+    with pytest.raises(ValueError, match=r"training_args.json is from a different run \(--random_flip True"):
+        resume(run, "--random_flip")
+    assert folder_state(run) == before
+
+
+def test_an_unreadable_training_args_json_is_refused(run):
+    (run / "training_args.json").write_text('{"seed": 0')
+    before = folder_state(run)
+    with pytest.raises(ValueError, match=r"training_args.json is not valid JSON .*: restore it, or delete it"):
+        resume(run)
+    assert folder_state(run) == before
+
+
+def test_settings_free_to_change_on_resume_are_accepted(run):
+    saved = json.loads((run / "checkpoint-2" / "facediff_state.json").read_text())
+    assert saved["global_step"] == 2 and saved["training_args"]["train_data_dir"] == str(OLIVETTI)
+    result = resume(
+        run, "--max_train_steps", "5", "--checkpointing_steps", "3", "--checkpoints_total_limit", "1",
+        "--eval_batch_size", "2", "--num_inference_steps", "2", "--logging_dir", "other-logs", "--cpu_threads", "1",
+        "--mixed_precision", "no", "--max_grad_norm", "0.5",
+    )  # fmt: skip
+    assert result.global_step == 5
+    assert json.loads((run / "training_args.json").read_text())["max_train_steps"] == 5
