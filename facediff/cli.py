@@ -17,6 +17,7 @@ from .pipelines import FaceDiffPipeline, FaceDiffScheduler
 from .sample_grids import save_grid
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 def sample(args: argparse.Namespace) -> Path:
@@ -26,16 +27,18 @@ def sample(args: argparse.Namespace) -> Path:
 
     Args:
         args (`argparse.Namespace`):
-            `model`, `num_images`, `steps`, `seed`, `batch_size`, `out`, `device`, `dtype`.
+            `model`, `num_images`, `steps`, `seed`, `batch_size`, `out`, and the sampler options that
+            `load_sampler` reads.
 
     Returns:
         `Path`: the grid.
     """
-    pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype]).to(_device(args))
+    pipeline = load_sampler(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = []
-    for indices, batch in draw(pipeline, args.num_images, args.steps, args.seed, args.batch_size, "pil"):
+    batches = draw(pipeline, args.num_images, args.steps, args.seed, args.batch_size, "pil", args.memory_format)
+    for indices, batch in batches:
         for index, image in zip(indices, batch, strict=True):
             image.save(out / f"{index:05d}.png")
         images += batch
@@ -49,8 +52,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
 
     Args:
         args (`argparse.Namespace`):
-            `model`, `reference`, `num_images`, `steps`, `seed`, `batch_size`, `device`, `variance_type`, `eta`,
-            `inception_weights`, `no_inception`, `max_reference`, `out`.
+            `model`, `reference`, `num_images`, `steps`, `seed`, `batch_size`, `inception_weights`, `no_inception`,
+            `max_reference`, `out`, and the sampler options that `load_sampler` reads.
 
     Returns:
         `tuple[dict, Path, Path | None]`: the results, the JSON file, and the refreshed card (or None).
@@ -64,11 +67,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     out = Path(args.out) if args.out is not None else model_folder / EVAL_RESULTS_NAME
     inception = None if args.no_inception else load_fid_inception(args.inception_weights)
     device = _device(args)
-    pipeline = FaceDiffPipeline.from_pretrained(args.model).to(device)
-    scheduler_options = {"variance_type": args.variance_type, "eta": args.eta}
-    scheduler_options = {name: value for name, value in scheduler_options.items() if value is not None}
-    if scheduler_options:
-        pipeline.scheduler = FaceDiffScheduler.from_config(pipeline.scheduler.config, **scheduler_options)
+    pipeline = load_sampler(args)
     for steps in args.steps:  # fail now on a step count the schedule cannot take, not after the reference is read
         pipeline.scheduler.set_timesteps(steps)
     unet_config = pipeline.unet.config
@@ -79,7 +78,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     rows = []
     for steps in args.steps:
         start = time.perf_counter()
-        batches = draw(pipeline, args.num_images, steps, args.seed, args.batch_size, "np")
+        batches = draw(pipeline, args.num_images, steps, args.seed, args.batch_size, "np", args.memory_format)
         # Quantised as the PNGs that `facediff sample` writes.
         samples = np.concatenate([(batch * 255).round().astype(np.uint8) for _, batch in batches])
         sampling_seconds = time.perf_counter() - start
@@ -109,8 +108,40 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     return results, out, refreshed
 
 
+def load_sampler(args: argparse.Namespace) -> FaceDiffPipeline:
+    """
+    The pipeline of `args.model` on its device, with the sampler options applied.
+
+    Args:
+        args (`argparse.Namespace`):
+            `model`, `device`, `dtype`, `variance_type`, `eta` (scheduler options; `None` keeps the saved ones),
+            `threads`, `memory_format` and `compile`.
+
+    Returns:
+        `FaceDiffPipeline`
+    """
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype]).to(_device(args))
+    scheduler_options = {"variance_type": args.variance_type, "eta": args.eta}
+    scheduler_options = {name: value for name, value in scheduler_options.items() if value is not None}
+    if scheduler_options:
+        pipeline.scheduler = FaceDiffScheduler.from_config(pipeline.scheduler.config, **scheduler_options)
+    # The CLI never saves the UNet, so its weights can take the sampling layout too (saving needs contiguous ones).
+    pipeline.unet.to(memory_format=MEMORY_FORMATS[args.memory_format])
+    if args.compile:
+        pipeline.unet = torch.compile(pipeline.unet)
+    return pipeline
+
+
 def draw(
-    pipeline: FaceDiffPipeline, num_images: int, steps: int | None, seed: int, batch_size: int, output_type: str
+    pipeline: FaceDiffPipeline,
+    num_images: int,
+    steps: int | None,
+    seed: int,
+    batch_size: int,
+    output_type: str,
+    memory_format: str = "channels_last",
 ) -> Iterator[tuple[range, list | np.ndarray]]:
     """
     Draw images in batches; image i comes from its own generator seeded `seed + i`, so it is the same image
@@ -129,6 +160,8 @@ def draw(
             Images per pipeline call.
         output_type (`str`):
             `"pil"` or `"np"`, as the pipeline takes it.
+        memory_format (`str`, defaults to `"channels_last"`):
+            A key of `MEMORY_FORMATS`: the layout of the sample while sampling.
 
     Returns:
         `Iterator[tuple[range, list | np.ndarray]]`: the indices of each batch and its images.
@@ -139,7 +172,11 @@ def draw(
             indices = range(start, min(start + batch_size, num_images))
             generators = [torch.Generator(device="cpu").manual_seed(seed + index) for index in indices]
             output = pipeline(
-                batch_size=len(indices), generator=generators, num_inference_steps=steps, output_type=output_type
+                batch_size=len(indices),
+                generator=generators,
+                num_inference_steps=steps,
+                output_type=output_type,
+                memory_format=MEMORY_FORMATS[memory_format],
             )
             yield indices, output.images
             progress.update(len(indices))
@@ -148,18 +185,36 @@ def draw(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facediff", description="Sample from and evaluate facediff DDPM pipelines.")
     commands = parser.add_subparsers(dest="command", required=True)
-    sampler = commands.add_parser("sample", help="draw images from a trained pipeline")
+    # What both commands sample with.
+    sampler_options = argparse.ArgumentParser(add_help=False)
+    sampler_options.add_argument("--device", default=None, help="cpu, cuda, mps, ...; default: cuda when available")
+    sampler_options.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    sampler_options.add_argument(
+        "--variance-type", choices=["fixed_large", "fixed_small"], default=None, help="default: the saved scheduler's"
+    )
+    sampler_options.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] on the same chain")
+    sampler_options.add_argument("--threads", type=_positive, default=None, help="CPU threads; default: torch's")
+    sampler_options.add_argument(
+        "--memory-format",
+        choices=list(MEMORY_FORMATS),
+        default="channels_last",
+        help="tensor layout while sampling: channels_last is faster for convolutions",
+    )
+    sampler_options.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet: minutes to compile, a few %% faster after"
+    )
+    sampler = commands.add_parser("sample", parents=[sampler_options], help="draw images from a trained pipeline")
     sampler.add_argument("model", help="a pipeline folder or a Hub repo id (user/name)")
     sampler.add_argument("--num-images", type=_positive, default=64)
     sampler.add_argument("--steps", type=_positive, default=None, help="respaced sampling steps; default: all T")
     sampler.add_argument("--seed", type=int, default=0)
     sampler.add_argument("--batch-size", type=_positive, default=16)
     sampler.add_argument("--out", default="samples", help="folder for the PNGs and grid.png")
-    sampler.add_argument("--device", default=None, help="cpu, cuda, mps, ...; default: cuda when available")
-    sampler.add_argument("--dtype", choices=list(DTYPES), default="float32")
 
     evaluator = commands.add_parser(
-        "eval", help="score samples against reference images: FID, KID, a pixel-PCA Frechet distance, memorisation"
+        "eval",
+        parents=[sampler_options],
+        help="score samples against reference images: FID, KID, a pixel-PCA Frechet distance, memorisation",
     )
     evaluator.add_argument("model", help="a pipeline folder or a Hub repo id (user/name)")
     evaluator.add_argument(
@@ -173,9 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluator.add_argument("--seed", type=int, default=0)
     evaluator.add_argument("--batch-size", type=_positive, default=16)
-    evaluator.add_argument("--device", default=None, help="cpu, cuda, mps, ...; default: cuda when available")
-    evaluator.add_argument("--variance-type", choices=["fixed_large", "fixed_small"], default=None)
-    evaluator.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] on the same chain")
     weights = evaluator.add_mutually_exclusive_group()
     weights.add_argument(
         "--inception-weights",

@@ -140,9 +140,16 @@ class FaceDiffPipeline(DiffusionPipeline):
                     pretrained_model_name_or_path, subfolder="unet", **hub_kwargs, **kwargs
                 )
             except OSError as error:
-                raise OSError(
-                    f"{location}/unet: {_first_line(error)} Restore unet/ from the saved pipeline or save it again."
-                ) from error
+                pickle_only = kwargs["use_safetensors"] and os.path.isfile(
+                    os.path.join(location, "unet", "diffusion_pytorch_model.bin")
+                )
+                fix = (
+                    "Its weights are pickle-based .bin, which can run code: pass use_safetensors=False only if you "
+                    "trust the folder, or convert it with save_pretrained."
+                    if pickle_only
+                    else "Restore unet/ from the saved pipeline or save it again."
+                )
+                raise OSError(f"{location}/unet: {_first_line(error)} {fix}") from error
         if scheduler is None:
             try:
                 scheduler = FaceDiffScheduler.from_pretrained(

@@ -1,4 +1,4 @@
-"""The `facediff sample` command."""
+"""The `facediff sample` command and the sampler options it shares with `facediff eval`."""
 
 import subprocess
 import sys
@@ -24,6 +24,30 @@ def test_sample_writes_one_png_per_image_and_a_grid(gray_pipeline, tmp_path):
     assert Image.open(tmp_path / "batched" / "grid.png").size == (48, 32)  # 5 images of 16x16 on a 3x2 grid
     for name in names[:-1]:  # image i depends on its seed only, not on the batch it was drawn in
         assert np.abs(pixels(tmp_path / "batched" / name) - pixels(tmp_path / "single" / name)).max() <= 1
+
+
+def test_sampler_options(gray_pipeline, tmp_path):
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    flags = ["sample", str(tmp_path / "model"), "--num-images", "3", "--steps", "10", "--seed", "1", "--threads", "1"]
+    runs = {
+        "default": [],
+        "contiguous": ["--memory-format", "contiguous"],
+        "ddim": ["--eta", "0"],
+        "ddim-again": ["--eta", "0", "--seed", "2"],
+        "fixed_small": ["--variance-type", "fixed_small"],
+    }
+    for name, options in runs.items():
+        assert main([*flags, *options, "--out", str(tmp_path / name)]) == 0
+
+    def images(name):
+        return np.stack([pixels(tmp_path / name / f"{index:05d}.png") for index in range(3)])
+
+    # The layout changes nothing but rounding; the scheduler options change the sampler.
+    assert np.abs(images("default") - images("contiguous")).max() <= 1
+    assert np.abs(images("default") - images("ddim")).mean() > 5
+    assert not np.array_equal(images("default"), images("fixed_small"))
+    # eta=0 is deterministic given x_T: seed 2's first image is seed 1's second one.
+    assert np.array_equal(images("ddim")[1], images("ddim-again")[0])
 
 
 def test_bad_model_gives_one_line_and_exit_code_2(tmp_path):

@@ -171,8 +171,10 @@ def test_pickle_weights_are_refused_by_default(gray_pipeline, tmp_path):
     gray_pipeline.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").exists()
     before = folder_state(tmp_path)
-    with pytest.raises(EnvironmentError, match="safetensors"):
+    with pytest.raises(EnvironmentError, match="safetensors") as raised:
         FaceDiffPipeline.from_pretrained(tmp_path)
+    assert "pass use_safetensors=False only if you trust the folder" in str(raised.value)
+    assert "\n" not in str(raised.value)
     assert folder_state(tmp_path) == before
     FaceDiffPipeline.from_pretrained(tmp_path, use_safetensors=False)
 
