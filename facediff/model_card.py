@@ -198,13 +198,54 @@ def _write_card(card: ModelCard, folder: str | os.PathLike) -> Path:
     return path
 
 
-def training_card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time) -> dict:
-    """What the card says about a finished training run: data, model, schedule, optimisation, hardware, time."""
+def pipeline_model_card(pipeline, repo_id: str) -> ModelCard:
+    """
+    The card of a pipeline that carries none (built or changed in memory): what its configs say, the model, the
+    schedule and the sampler, with no training or evaluation section, since nothing is known of them.
+
+    Args:
+        pipeline (`FaceDiffPipeline`):
+            The pipeline to describe.
+        repo_id (`str`):
+            The Hub repo it goes to, for the usage snippets.
+
+    Returns:
+        `huggingface_hub.ModelCard`
+    """
+    return render_model_card(
+        {"model_name": repo_id.split("/")[-1], **model_facts(pipeline.unet, pipeline.scheduler, repo_id)}
+    )
+
+
+def model_facts(unet, scheduler, repo_id: str) -> dict:
+    """What the card says about the model and its diffusion schedule, read off the UNet and scheduler."""
     config = scheduler.config
     if config.beta_schedule == "linear":
         beta_description = f"betas linear from {config.beta_start:g} to {config.beta_end:g}"
     else:
         beta_description = "the cosine schedule of Nichol & Dhariwal (2021)"
+    size = unet.config.sample_size
+    return {
+        "repo_id": repo_id,
+        "resolution": size if isinstance(size, int) else size[0],
+        "channels": unet.config.in_channels,
+        "num_parameters": f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M",
+        "num_train_timesteps": config.num_train_timesteps,
+        "beta_description": beta_description,
+        "prediction_description": {
+            "epsilon": "the added noise (epsilon)",
+            "v_prediction": "the velocity v",
+            "sample": "the clean image x_0",
+        }[config.prediction_type],
+        "variance_description": {"fixed_large": "sqrt(beta_t)", "fixed_small": "the posterior's (beta-tilde)"}[
+            config.variance_type
+        ]
+        + (f", DDIM eta {config.eta:g}" if config.eta is not None else ""),
+    }
+
+
+def training_card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time) -> dict:
+    """What the card says about a finished training run: data, model, schedule, optimisation, hardware, time."""
     if args.train_data_dir is not None:
         dataset_description = f"the image folder `{Path(args.train_data_dir).name}`"
     elif args.dataset_name is not None:
@@ -219,8 +260,8 @@ def training_card_facts(args, accelerator, unet, scheduler, global_step, channel
         hardware = f"{processes} CPU process{'es' if processes > 1 else ''} x {threads} threads, {_cpu_name()}"
     minutes = wall_time / 60
     return {
+        **model_facts(unet, scheduler, args.hub_model_id or Path(args.output_dir).resolve().name),
         "model_name": Path(args.output_dir).resolve().name,
-        "repo_id": args.hub_model_id or Path(args.output_dir).resolve().name,
         "dataset_description": dataset_description,
         "dataset_id": args.dataset_name if args.dataset_name and not Path(args.dataset_name).exists() else None,
         "num_images": num_images,
@@ -228,15 +269,6 @@ def training_card_facts(args, accelerator, unet, scheduler, global_step, channel
         "channels": channels,
         "random_flip": args.random_flip,
         "model_preset": None if args.model_config_name_or_path else args.model_preset,
-        "num_parameters": f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M",
-        "num_train_timesteps": config.num_train_timesteps,
-        "beta_description": beta_description,
-        "prediction_description": {
-            "epsilon": "the added noise (epsilon)",
-            "v_prediction": "the velocity v",
-            "sample": "the clean image x_0",
-        }[config.prediction_type],
-        "variance_description": "sqrt(beta_t)",
         "global_step": global_step,
         "total_batch_size": args.train_batch_size * args.gradient_accumulation_steps,
         "learning_rate": f"{args.learning_rate:g}",

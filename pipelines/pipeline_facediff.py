@@ -1,7 +1,9 @@
 # This file is written as it stands into every saved FaceDiffPipeline (as remote code), so it imports nothing from
-# facediff: only torch, diffusers and its sibling scheduling_facediff.py, which is saved beside it.
+# facediff: only torch, diffusers and its sibling scheduling_facediff.py, which is saved beside it. (diffusers checks
+# every import line of remote code; facediff's card template is reached through importlib, and only when installed.)
 """Unconditional image generation with a UNet2DModel and the document's DDPM sampler."""
 
+import importlib
 import json
 import os
 import shutil
@@ -211,6 +213,7 @@ class FaceDiffPipeline(DiffusionPipeline):
         """
         Upload the pipeline as [`FaceDiffPipeline.save_pretrained`] writes it (weights, configs, the code), with the
         model card `README.md` and `sample_grid.png` of `card_folder` when it has them, in one commit; nothing else.
+        A pipeline without a card (built in memory) gets one rendered from its configs with facediff's template.
 
         Args:
             repo_id (`str`):
@@ -229,13 +232,17 @@ class FaceDiffPipeline(DiffusionPipeline):
         Returns:
             `huggingface_hub.CommitInfo`
         """
-        card_folder = card_folder or self.name_or_path  # None for a pipeline built in memory: no card to carry
+        card_folder = card_folder or self.name_or_path  # None for a pipeline built in memory
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
             self.save_pretrained(folder)
             for name in ("README.md", "sample_grid.png"):
                 if card_folder and (Path(card_folder) / name).is_file():
                     shutil.copyfile(Path(card_folder) / name, folder / name)
+            if not (folder / "README.md").is_file() and __package__ == "facediff.pipelines":
+                # The template ships with facediff; as remote code without facediff there is none to render.
+                card_module = importlib.import_module("facediff.model_card")
+                card_module.pipeline_model_card(self, repo_id).save(folder / "README.md")
             files = sorted(path for path in folder.rglob("*") if path.is_file())
             operations = [CommitOperationAdd(str(path.relative_to(folder)), str(path)) for path in files]
             api = HfApi(token=token)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from huggingface_hub import CommitInfo, HfApi, RepoUrl
+from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 
 from facediff import FaceDiffPipeline
 from facediff.training import train
@@ -87,7 +87,7 @@ def test_training_pushes_exactly_the_pipeline_and_it_loads_back(tmp_path, fake_h
     np.testing.assert_array_equal(draw(loaded), draw(local))
 
 
-def test_a_loaded_pipeline_pushes_its_card_and_grid_and_a_new_one_pushes_none(gray_pipeline, tmp_path, fake_hub):
+def test_a_loaded_pipeline_pushes_its_card_and_grid_and_a_new_one_a_rendered_card(gray_pipeline, tmp_path, fake_hub):
     folder = tmp_path / "trained"
     gray_pipeline.save_pretrained(folder)
     (folder / "README.md").write_text("---\nlibrary_name: diffusers\n---\n# faces\n")
@@ -101,5 +101,13 @@ def test_a_loaded_pipeline_pushes_its_card_and_grid_and_a_new_one_pushes_none(gr
     (first, second) = fake_hub["commits"]
     assert first[:2] == ("someone/faces", "first") and "README.md" in first[2] and "sample_grid.png" in first[2]
     assert not any(name.startswith("checkpoint") or name == "training_args.json" for name in first[2])
-    assert second[0] == "someone/bare" and "README.md" not in second[2] and "model_index.json" in second[2]
+    assert second[0] == "someone/bare" and "model_index.json" in second[2] and "sample_grid.png" not in second[2]
     assert fake_hub["repos"][1][:2] == ("someone/bare", True)
+    # The pipeline built in memory carries no card: one is rendered from its configs, with nothing made up.
+    card = ModelCard.load(fake_hub["files"] / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "unconditional-image-generation"
+    assert "facediff" in card.data.tags
+    assert 'FaceDiffPipeline.from_pretrained("someone/bare")' in card.text
+    assert "16x16 grayscale" in card.text and "betas linear from 0.0001 to 0.02" in card.text
+    assert "## Training" not in card.text and "not recorded" in card.text
+    assert "{{" not in card.text and "None" not in card.text
