@@ -134,7 +134,18 @@ class FaceDiffPipeline(DiffusionPipeline):
                 f"{location} is neither a folder nor a Hub repo id (user/name): pass a folder written by "
                 "save_pretrained or a repo id."
             )
-        index = cls.load_config(pretrained_model_name_or_path, **hub_kwargs)
+        try:
+            index = cls.load_config(pretrained_model_name_or_path, **hub_kwargs)
+        except OSError as error:
+            if not os.path.isdir(location):
+                raise
+            unfinished_run = any(name.startswith("checkpoint-") for name in os.listdir(location))
+            fix = (
+                "it holds checkpoints of an unfinished run: finish it with --resume_from_checkpoint latest"
+                if unfinished_run
+                else "pass the folder that save_pretrained or training wrote"
+            )
+            raise OSError(f"{_first_line(error)}: not a saved pipeline; {fix}.") from error
         _check_model_index(index, pretrained_model_name_or_path)
         if unet is None:
             try:

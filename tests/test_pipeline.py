@@ -232,8 +232,11 @@ def test_model_index_naming_other_classes_is_refused(gray_pipeline, tmp_path, ke
 def test_a_training_folder_without_a_pipeline_is_refused(tmp_path):
     (tmp_path / "checkpoint-2").mkdir()  # a run stopped before its end has checkpoints only
     before = folder_state(tmp_path)
-    with pytest.raises(OSError, match=f"no file named model_index.json found in directory {re.escape(str(tmp_path))}"):
+    with pytest.raises(
+        OSError, match=f"no file named model_index.json found in directory {re.escape(str(tmp_path))}"
+    ) as raised:
         FaceDiffPipeline.from_pretrained(tmp_path)
+    assert "finish it with --resume_from_checkpoint latest" in str(raised.value) and "\n" not in str(raised.value)
     assert folder_state(tmp_path) == before
 
 
