@@ -145,7 +145,7 @@ class FaceDiffPipeline(DiffusionPipeline):
                 if unfinished_run
                 else "pass the folder that save_pretrained or training wrote"
             )
-            raise OSError(f"{_first_line(error)}: not a saved pipeline; {fix}.") from error
+            raise OSError(f"{_first_line(error).rstrip('.')}: not a saved pipeline; {fix}.") from error
         _check_model_index(index, pretrained_model_name_or_path)
         if unet is None:
             try:
