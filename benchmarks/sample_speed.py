@@ -68,11 +68,14 @@ def build_variants(unet, compile_unet: bool) -> dict:
         return sample
 
     stock_scheduler = DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large", clip_sample=False)
-    facediff = quiet(FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler()))
+    # Its own copy of the weights: the pipeline converts its UNet to the memory format it samples in.
+    facediff = quiet(FaceDiffPipeline(unet=copy.deepcopy(unet), scheduler=FaceDiffScheduler()))
     variants = {
         "diffusers DDPMPipeline": run_stock(quiet(DDPMPipeline(unet=unet, scheduler=stock_scheduler))),
         "facediff (default: channels_last)": run_facediff(facediff, torch.channels_last),
-        "facediff, memory_format=contiguous": run_facediff(facediff, torch.contiguous_format),
+        "facediff, memory_format=contiguous": run_facediff(
+            quiet(FaceDiffPipeline(unet=copy.deepcopy(unet), scheduler=FaceDiffScheduler())), torch.contiguous_format
+        ),
     }
     compile_seconds = None
     if compile_unet:

@@ -127,8 +127,6 @@ def load_sampler(args: argparse.Namespace) -> FaceDiffPipeline:
     scheduler_options = {name: value for name, value in scheduler_options.items() if value is not None}
     if scheduler_options:
         pipeline.scheduler = FaceDiffScheduler.from_config(pipeline.scheduler.config, **scheduler_options)
-    # The CLI never saves the UNet, so its weights can take the sampling layout too (saving needs contiguous ones).
-    pipeline.unet.to(memory_format=MEMORY_FORMATS[args.memory_format])
     if args.compile:
         pipeline.unet = torch.compile(pipeline.unet)
     return pipeline

@@ -67,10 +67,10 @@ class FaceDiffPipeline(DiffusionPipeline):
             return_dict (`bool`, defaults to `True`):
                 Return an [`ImagePipelineOutput`] rather than a tuple.
             memory_format (`torch.memory_format`, defaults to `torch.channels_last`):
-                Layout of the sample while sampling. Convolutions run faster on channels-last tensors (on CPU and
-                on CUDA) and every layer keeps the layout; the images are the same up to float rounding.
-                `torch.contiguous_format` turns it off. Converting the UNet too
-                (`pipe.unet.to(memory_format=torch.channels_last)`) gains a little more.
+                Layout of the UNet's weights and of the sample while sampling: convolutions run faster on
+                channels-last tensors (1.2x on a 2-core CPU, see the README). The UNet is converted in place; only
+                the layout changes, not its values, its state dict or what it saves. The images are the same up to
+                float rounding. `torch.contiguous_format` turns it off.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the images, as `images` or as the tuple's first element.
@@ -85,6 +85,7 @@ class FaceDiffPipeline(DiffusionPipeline):
         shape = (batch_size, self.unet.config.in_channels, height, width)
         image = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
         image = image.contiguous(memory_format=memory_format)
+        self.unet.to(memory_format=memory_format)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         for t in self.progress_bar(self.scheduler.timesteps):
