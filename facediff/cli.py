@@ -95,6 +95,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
         "seed": args.seed,
         "variance_type": pipeline.scheduler.config.variance_type,
         "eta": pipeline.scheduler.config.eta,
+        "clip_sample": pipeline.scheduler.config.clip_sample,
         "pixel_pca_components": evaluator.pixel_pca.num_features,
         "memorisation_percentile": MEMORISATION_PERCENTILE,
         "memorisation_threshold": evaluator.memorisation_threshold,
@@ -114,8 +115,8 @@ def load_sampler(args: argparse.Namespace) -> FaceDiffPipeline:
 
     Args:
         args (`argparse.Namespace`):
-            `model`, `device`, `dtype`, `variance_type`, `eta` (scheduler options; `None` keeps the saved ones),
-            `threads`, `memory_format` and `compile`.
+            `model`, `device`, `dtype`, `variance_type`, `eta`, `clip_sample` (scheduler options; `None` keeps the
+            saved ones), `threads`, `memory_format` and `compile`.
 
     Returns:
         `FaceDiffPipeline`
@@ -123,7 +124,7 @@ def load_sampler(args: argparse.Namespace) -> FaceDiffPipeline:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype]).to(_device(args))
-    scheduler_options = {"variance_type": args.variance_type, "eta": args.eta}
+    scheduler_options = {"variance_type": args.variance_type, "eta": args.eta, "clip_sample": args.clip_sample}
     scheduler_options = {name: value for name, value in scheduler_options.items() if value is not None}
     if scheduler_options:
         pipeline.scheduler = FaceDiffScheduler.from_config(pipeline.scheduler.config, **scheduler_options)
@@ -191,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--variance-type", choices=["fixed_large", "fixed_small"], default=None, help="default: the saved scheduler's"
     )
     sampler_options.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] on the same chain")
+    sampler_options.add_argument(
+        "--clip-sample",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clip each step's x_0 prediction to [-1, 1] (advised with --eta 0); default: the saved scheduler's",
+    )
     sampler_options.add_argument("--threads", type=_positive, default=None, help="CPU threads; default: torch's")
     sampler_options.add_argument(
         "--memory-format",

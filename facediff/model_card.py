@@ -172,8 +172,10 @@ def refresh_card_evaluation(folder: str | os.PathLike) -> Path:
 
 
 def _evaluation_setup(results: dict) -> str:
-    sampler = f"`variance_type` {results['variance_type']}" + (
-        "" if results["eta"] is None else f", eta {results['eta']}"
+    sampler = (
+        f"`variance_type` {results['variance_type']}"
+        + ("" if results["eta"] is None else f", eta {results['eta']}")
+        + (", x_0 clipped" if results.get("clip_sample") else "")
     )
     inception = (
         "FID and KID use the standard FID Inception's features. "

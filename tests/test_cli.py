@@ -35,6 +35,7 @@ def test_sampler_options(gray_pipeline, tmp_path):
         "ddim": ["--eta", "0"],
         "ddim-again": ["--eta", "0", "--seed", "2"],
         "fixed_small": ["--variance-type", "fixed_small"],
+        "ddim-clipped": ["--eta", "0", "--clip-sample"],
     }
     for name, options in runs.items():
         assert main([*flags, *options, "--out", str(tmp_path / name)]) == 0
@@ -46,6 +47,7 @@ def test_sampler_options(gray_pipeline, tmp_path):
     assert np.abs(images("default") - images("contiguous")).max() <= 1
     assert np.abs(images("default") - images("ddim")).mean() > 5
     assert not np.array_equal(images("default"), images("fixed_small"))
+    assert not np.array_equal(images("ddim"), images("ddim-clipped"))
     # eta=0 is deterministic given x_T: seed 2's first image is seed 1's second one.
     assert np.array_equal(images("ddim")[1], images("ddim-again")[0])
 
