@@ -3,6 +3,7 @@
 # every import line of remote code; facediff's card template is reached through importlib, and only when installed.)
 """Unconditional image generation with a UNet2DModel and the document's DDPM sampler."""
 
+import contextlib
 import importlib
 import json
 import os
@@ -68,8 +69,8 @@ class FaceDiffPipeline(DiffusionPipeline):
                 Return an [`ImagePipelineOutput`] rather than a tuple.
             memory_format (`torch.memory_format`, defaults to `torch.channels_last`):
                 Layout of the UNet's weights and of the sample while sampling: convolutions run faster on
-                channels-last tensors (1.2x on a 2-core CPU, see the README). The UNet is converted in place; only
-                the layout changes, not its values, its state dict or what it saves. The images are the same up to
+                channels-last tensors (1.3x on a 2-core CPU, see the README). The UNet gets its own layout back
+                afterwards, so that a model being trained keeps computing as it did. The images are the same up to
                 float rounding. `torch.contiguous_format` turns it off.
 
         Returns:
@@ -85,12 +86,12 @@ class FaceDiffPipeline(DiffusionPipeline):
         shape = (batch_size, self.unet.config.in_channels, height, width)
         image = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
         image = image.contiguous(memory_format=memory_format)
-        self.unet.to(memory_format=memory_format)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_output = self.unet(image, t).sample
-            image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+        with _unet_layout(self.unet, memory_format):
+            for t in self.progress_bar(self.scheduler.timesteps):
+                model_output = self.unet(image, t).sample
+                image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
 
         image = (image / 2 + 0.5).clamp(0, 1).contiguous()
         if output_type != "pt":
@@ -279,6 +280,27 @@ class FaceDiffPipeline(DiffusionPipeline):
         index["_class_name"] = [pipeline_source.stem, FaceDiffPipeline.__name__]
         index["scheduler"] = [scheduler_source.stem, FaceDiffScheduler.__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def _unet_layout(unet: torch.nn.Module, memory_format: torch.memory_format):
+    """Give the UNet's convolution weights `memory_format` for the duration, then the layout they had."""
+    # A weight whose layouts differ in memory (with one input channel and a 1x1 kernel, both are the same).
+    conv_weight = next(
+        (
+            parameter
+            for parameter in unet.parameters()
+            if parameter.dim() == 4
+            and parameter.is_contiguous() != parameter.is_contiguous(memory_format=torch.channels_last)
+        ),
+        None,
+    )
+    was_channels_last = conv_weight is not None and not conv_weight.is_contiguous()
+    unet.to(memory_format=memory_format)
+    try:
+        yield
+    finally:
+        unet.to(memory_format=torch.channels_last if was_channels_last else torch.contiguous_format)
 
 
 def _first_line(error: Exception) -> str:

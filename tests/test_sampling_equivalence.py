@@ -32,3 +32,19 @@ def test_channels_last_gives_the_same_images(gray_pipeline, rgb_pipeline):
         torch.testing.assert_close(runs[torch.channels_last], runs[torch.contiguous_format], atol=1e-3, rtol=0)
         # Equal up to float rounding (oneDNN sums in another order); the tensor returned is in the ordinary layout.
         assert runs[torch.channels_last].is_contiguous()
+
+
+def test_sampling_leaves_the_unet_layout_as_it_was(gray_pipeline):
+    # A model being trained is sampled from for its sample grids: its weights must compute afterwards exactly as
+    # before, or a resumed run would drift from an uninterrupted one.
+    gray_pipeline.set_progress_bar_config(disable=True)
+    conv_weight = gray_pipeline.unet.down_blocks[0].resnets[0].conv1.weight
+    for layout in (torch.contiguous_format, torch.channels_last):
+        gray_pipeline.unet.to(memory_format=layout)
+        for memory_format in (torch.channels_last, torch.contiguous_format):
+            gray_pipeline(num_inference_steps=2, output_type="pt", memory_format=memory_format)
+            for parameter in gray_pipeline.unet.parameters():
+                assert parameter.dim() != 4 or parameter.is_contiguous(memory_format=layout)
+            weight = gray_pipeline.unet.down_blocks[0].resnets[0].conv1.weight
+            assert weight.is_contiguous() == (layout == torch.contiguous_format)
+    torch.testing.assert_close(weight, conv_weight, rtol=0, atol=0)
