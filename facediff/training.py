@@ -155,8 +155,9 @@ def train(args: TrainingArguments) -> TrainingResult:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or math.inf)
-                        # Under fp16 the gradient scaler skips such a step by itself and lowers its scale.
-                        if accelerator.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
+                        # A gradient scaler (fp16 on CUDA) skips such a step by itself and lowers its scale;
+                        # without one (any other precision, or fp16 on a CPU, where Accelerate runs float32) stop.
+                        if accelerator.scaler is None and not torch.isfinite(grad_norm):
                             message = _non_finite_message(global_step + 1, "gradient norm", grad_norm, output_dir)
                             raise NonFiniteLossError(message)
                     optimizer.step()
