@@ -21,6 +21,7 @@ import time
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
+from model_flags import add_model_flags
 
 from facediff import FaceDiffPipeline, FaceDiffScheduler, build_unet
 from facediff.unet_presets import forward_gflops
@@ -90,10 +91,7 @@ def build_variants(unet, compile_unet: bool) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--channels", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_model_flags(parser)
     parser.add_argument("--steps", type=int, default=20, help="sampling steps per timed run")
     parser.add_argument("--rounds", type=int, default=3, help="timed runs per variant, alternating")
     parser.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's default")

@@ -21,6 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from model_flags import add_model_flags
 
 
 def run_variant(variant: str, preset: str, resolution: int, channels: int, batch_size: int, steps: int, reps: int):
@@ -77,10 +78,7 @@ def run_variant(variant: str, preset: str, resolution: int, channels: int, batch
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--channels", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_model_flags(parser)
     parser.add_argument("--steps", type=int, default=10, help="steps per repetition")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per process")
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per variant, alternating")
