@@ -73,7 +73,11 @@ def detect_channels(dataset: datasets.Dataset, image_column: str) -> int:
 
 
 def preprocess_images(
-    dataset: datasets.Dataset, image_column: str, channels: int, args: TrainingArguments
+    dataset: datasets.Dataset,
+    image_column: str,
+    channels: int,
+    args: TrainingArguments,
+    resolution: int | None = None,
 ) -> datasets.Dataset:
     """
     Decode, convert, resize and crop every image once; drop unreadable ones with a warning that counts them.
@@ -87,11 +91,13 @@ def preprocess_images(
             1 or 3.
         args (`TrainingArguments`):
             `resolution`, `center_crop`, `seed`, `preprocessing_num_workers`.
+        resolution (`int`, *optional*):
+            The image side, when it is not `args`'s: a model with its own config may take sizes no preset does.
 
     Returns:
         `datasets.Dataset`: one column, `pixel_values`, uint8 of shape (channels, resolution, resolution).
     """
-    resolution = args.effective_resolution
+    resolution = resolution or args.effective_resolution
     features = datasets.Features(
         {
             PIXELS: datasets.Array3D(shape=(channels, resolution, resolution), dtype="uint8"),

@@ -260,10 +260,11 @@ def load_reference(
         )
     is_saved_dataset = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
     uses_folder = path.exists() and not is_saved_dataset
+    # The resolution goes to preprocess_images, not to TrainingArguments: a model with its own config may take sizes
+    # that no preset does, and TrainingArguments checks the preset's.
     args = TrainingArguments(
         train_data_dir=reference if uses_folder else None,
         dataset_name=None if uses_folder else reference,
-        resolution=resolution,
         num_channels=channels,
         center_crop=True,
         max_train_samples=max_images,
@@ -271,7 +272,7 @@ def load_reference(
     )
     try:
         dataset, image_column = load_raw_dataset(args)
-        pixels = preprocess_images(dataset, image_column, channels, args)[:][PIXELS].to(torch.uint8)
+        pixels = preprocess_images(dataset, image_column, channels, args, resolution)[:][PIXELS].to(torch.uint8)
     except ValueError as error:  # facediff.data names the training flags
         message = str(error).replace("--train_data_dir ", "--reference ").replace("--dataset_name ", "--reference ")
         raise ValueError(message) from error

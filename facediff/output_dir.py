@@ -24,6 +24,8 @@ RUN_DEFINING_SETTINGS = (
     "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "use_ema", "ema_inv_gamma", "ema_power", "ema_max_decay",
 )  # fmt: skip
+# Settings that may name a local path: `data/train`, `./data/train/` and `/abs/data/train` are the same data.
+PATH_SETTINGS = ("dataset_name", "train_data_dir", "model_config_name_or_path")
 # A resume may change how long the run goes on (the LR schedule then stretches to the new length), how often it
 # saves, samples and logs, where it writes, the hardware and speed settings, and the two remedies for a diverging
 # run that do take effect on resume: --mixed_precision and --max_grad_norm.
@@ -83,7 +85,9 @@ def _refuse_a_different_run(args: TrainingArguments, output_dir: Path) -> None:
         saved_runs.append((checkpoint, saved))
     settings = args.to_dict()
     for source, saved in saved_runs:
-        changed = [name for name in RUN_DEFINING_SETTINGS if name in saved and saved[name] != settings[name]]
+        changed = [
+            name for name in RUN_DEFINING_SETTINGS if name in saved and not _same(name, saved[name], settings[name])
+        ]
         if changed:
             differences = ", ".join(f"--{name} {settings[name]} (saved: {saved[name]})" for name in changed)
             raise ValueError(
@@ -91,6 +95,18 @@ def _refuse_a_different_run(args: TrainingArguments, output_dir: Path) -> None:
                 f"({differences}): resume with the saved settings, or start a new run in another --output_dir "
                 "(or with --overwrite_output_dir and without --resume_from_checkpoint)."
             )
+
+
+def _same(name: str, saved, current) -> bool:
+    """Equal, or, for a path setting, two spellings of one existing file or folder (relative to the current folder)."""
+    if saved == current:
+        return True
+    if name not in PATH_SETTINGS or not isinstance(saved, str) or not isinstance(current, str):
+        return False
+    try:
+        return os.path.samefile(saved, current)
+    except OSError:  # either one is not an existing path (a Hub id, or moved data)
+        return False
 
 
 def _read_json(path: Path) -> dict:

@@ -64,6 +64,13 @@ def test_scores_are_zero_for_the_reference_itself_and_grow_with_a_brightness_shi
         assert values == sorted(values) and len(set(values)) == len(values), (name, values)
 
 
+def test_reference_loads_at_sizes_no_preset_takes():
+    # A model with its own UNet config may be 12 or 512 pixels wide; the presets' 16-256 range must not stop its eval.
+    reference = load_reference(str(OLIVETTI), resolution=12, channels=3, max_images=4)
+    assert reference.shape == (4, 3, 12, 12) and reference.dtype == torch.uint8
+    assert torch.equal(reference[:, 0], reference[:, 2])  # gray faces, repeated into RGB
+
+
 def test_kid_and_fid_are_finite_on_a_handful_of_images(faces):
     scores = SampleEvaluator(faces[:10], inception=RandomFeatures()).score(faces[10:15])
     assert all(math.isfinite(value) for value in scores.values()), scores

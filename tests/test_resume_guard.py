@@ -102,6 +102,11 @@ def test_an_unreadable_training_args_json_is_refused(run):
     assert folder_state(run) == before
 
 
+def test_the_same_data_spelt_another_way_is_the_same_run(run, monkeypatch):
+    monkeypatch.chdir(OLIVETTI.parent)  # saved as an absolute path, given now as a relative one with a trailing slash
+    assert resume(run, "--train_data_dir", f"./{OLIVETTI.name}/", "--max_train_steps", "3").global_step == 3
+
+
 def test_settings_free_to_change_on_resume_are_accepted(run):
     saved = json.loads((run / "checkpoint-2" / "facediff_state.json").read_text())
     assert saved["global_step"] == 2 and saved["training_args"]["train_data_dir"] == str(OLIVETTI)
