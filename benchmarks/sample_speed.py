@@ -1,12 +1,15 @@
 """Sampling speed: FaceDiffPipeline against diffusers' DDPMPipeline with the same UNet weights, in one run.
 
     python benchmarks/sample_speed.py [--preset small] [--resolution 32] [--channels 1] [--batch-size 32]
-                                      [--steps 20] [--rounds 3] [--threads N] [--compile]
+                                      [--steps 20] [--rounds 3] [--threads N] [--compile] [--keep-freed-memory]
 
 Every variant samples the same batch with the same UNet weights, number of steps and threads; the variants alternate
 over rounds so that drift in the machine's speed hits all alike. The table gives the median seconds per step, the
 spread (min to max), the UNet's achieved GFLOP/s, and a float32 matmul's GFLOP/s measured in the same run as the
-machine's ceiling. `--compile` adds `torch.compile` (inductor) and reports its compile time separately.
+machine's ceiling, and the minor page faults per step (fresh memory the kernel had to map and zero). `--compile` adds
+`torch.compile` (inductor) and reports its compile time separately. `--keep-freed-memory` first applies
+`facediff.allocator.keep_freed_memory()`, as `facediff sample` and `facediff eval` do; it acts on the whole process, so
+on every variant alike: run with and without it to see what it is worth.
 
 Identity: DDPMPipeline with `variance_type="fixed_large"` and `clip_sample=False` runs the document's update; both
 pipelines draw x_T and every step's noise from the same seeded generator in the same order, so over the full chain of
@@ -16,6 +19,7 @@ difference.
 
 import argparse
 import copy
+import resource
 import statistics
 import time
 
@@ -24,6 +28,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from model_flags import add_model_flags
 
 from facediff import FaceDiffPipeline, FaceDiffScheduler, build_unet
+from facediff.allocator import keep_freed_memory
 from facediff.unet_presets import forward_gflops
 
 
@@ -123,7 +128,13 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's default")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     parser.add_argument("--check-images", type=int, default=2, help="images for the full-chain identity check")
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="reuse freed memory in this process (facediff.allocator)"
+    )
     args = parser.parse_args()
+    allocator = "glibc defaults"
+    if args.keep_freed_memory:
+        allocator = "freed memory kept" if keep_freed_memory() else "freed memory kept: not glibc, no effect"
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -135,11 +146,14 @@ def main():
         sample(args.batch_size, 2, 0)  # warm-up: oneDNN primitive caches, allocator
 
     seconds = {name: [] for name in variants}
+    page_faults = {name: 0 for name in variants}
     for _ in range(args.rounds):
         for name, sample in variants.items():
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             started = time.perf_counter()
             sample(args.batch_size, args.steps, 0)
             seconds[name].append((time.perf_counter() - started) / args.steps)
+            page_faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     ceiling = matmul_gflops()
     convolution_share, convolution_rate = convolution_profile(unet, args.batch_size)
 
@@ -150,16 +164,17 @@ def main():
     print(
         f"preset {args.preset}, {args.resolution}px, {args.channels} channel(s), batch {args.batch_size}, "
         f"{args.steps} steps per run, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-        f"float32 matmul: {ceiling:.0f} GFLOP/s"
+        f"float32 matmul: {ceiling:.0f} GFLOP/s; allocator: {allocator}"
     )
-    print("| sampler | s/step (median) | spread | images/s | UNet GFLOP/s | vs DDPMPipeline |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| sampler | s/step (median) | spread | images/s | UNet GFLOP/s | page faults/step | vs DDPMPipeline |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     stock = statistics.median(seconds["diffusers DDPMPipeline"])
     for name, timings in seconds.items():
         median = statistics.median(timings)
         print(
             f"| {name} | {median:.3f} | {min(timings):.3f}-{max(timings):.3f} | {args.batch_size / median:.1f} | "
-            f"{gflop_per_step / median:.0f} | {stock / median:.2f}x |"
+            f"{gflop_per_step / median:.0f} | {page_faults[name] / (args.rounds * args.steps):.0f} | "
+            f"{stock / median:.2f}x |"
         )
     print(
         f"Profile of a channels_last forward pass: convolutions take {convolution_share:.0%} of it and run at "

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .allocator import keep_freed_memory
 from .model_card import EVAL_RESULTS_NAME, evaluation_table, model_digest, refresh_card_evaluation
 from .output_dir import write_json
 from .pipelines import FaceDiffPipeline, FaceDiffScheduler
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # this process is ours: reuse freed tensor memory rather than fault in fresh pages
     try:
         if args.command == "sample":
             grid = sample(args)
