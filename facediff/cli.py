@@ -207,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensor layout while sampling: channels_last is faster for convolutions",
     )
     sampler_options.add_argument(
-        "--compile", action="store_true", help="torch.compile the UNet: minutes to compile, a few %% faster after"
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet: about a minute to compile cold, then about 1.2x faster",
     )
     sampler = commands.add_parser("sample", parents=[sampler_options], help="draw images from a trained pipeline")
     sampler.add_argument("model", help="a pipeline folder or a Hub repo id (user/name)")
