@@ -6,7 +6,8 @@ The stock loop is diffusers' examples/unconditional_image_generation/train_uncon
 DDPMScheduler.add_noise, the same UNet2DModel config, MSE on the noise, backward, gradient clipping, AdamW and an
 EMAModel update; it is also timed with the single thread that `accelerate launch` gives a CPU run
 (OMP_NUM_THREADS=1), where facediff's training uses the machine's cores. facediff's step is
-`facediff.training._diffusion_loss` with the same optimizer, clipping and EMA.
+`facediff.training._diffusion_loss` with the same optimizer, clipping and EMA; it is timed a second time with
+`facediff.allocator.keep_freed_memory()` applied to its process, to show what that is worth for training.
 Each variant runs in fresh processes (so peak RSS is its own), alternating over rounds, after warm-up steps; the
 table gives the median images/s over all repetitions and the spread (min to max).
 """
@@ -29,9 +30,12 @@ def run_variant(variant: str, preset: str, resolution: int, channels: int, batch
     from diffusers.training_utils import EMAModel
 
     from facediff import FaceDiffScheduler, build_unet
+    from facediff.allocator import keep_freed_memory
     from facediff.training import _diffusion_loss
     from facediff.training_args import TrainingArguments
 
+    if variant == "facediff-kept":
+        keep_freed_memory()
     if variant == "diffusers-launched":
         torch.set_num_threads(1)  # what `accelerate launch` leaves train_unconditional.py on CPU: OMP_NUM_THREADS=1
     torch.manual_seed(0)
@@ -67,13 +71,15 @@ def run_variant(variant: str, preset: str, resolution: int, channels: int, batch
     for _ in range(3):
         step()
     rates = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(reps):
         started = time.perf_counter()
         for _ in range(steps):
             step()
         rates.append(steps * batch_size / (time.perf_counter() - started))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rates": rates, "peak_mb": peak_mb}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    faults_per_step = (usage.ru_minflt - faults) / (reps * steps)
+    print(json.dumps({"rates": rates, "peak_mb": usage.ru_maxrss / 1024, "faults_per_step": faults_per_step}))
 
 
 def main():
@@ -90,8 +96,8 @@ def main():
         return
 
     # Alternate the variants over several rounds so that drift in the machine's speed hits both alike.
-    variants = ("diffusers", "facediff", "diffusers-launched")
-    results = {variant: {"rates": [], "peak_mb": 0.0} for variant in variants}
+    variants = ("diffusers", "facediff", "facediff-kept", "diffusers-launched")
+    results = {variant: {"rates": [], "peak_mb": 0.0, "faults": []} for variant in variants}
     for _ in range(args.rounds):
         for variant in results:
             command = [sys.executable, __file__, "--variant", variant, "--preset", args.preset, "--resolution",
@@ -101,22 +107,25 @@ def main():
             measured = json.loads(output.strip().splitlines()[-1])
             results[variant]["rates"] += measured["rates"]
             results[variant]["peak_mb"] = max(results[variant]["peak_mb"], measured["peak_mb"])
+            results[variant]["faults"].append(measured["faults_per_step"])
 
     print(f"preset {args.preset}, {args.resolution}px, {args.channels} channel(s), batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
-    print("| training step | images/s (median) | spread | peak RSS | vs stock |")
-    print("|---|---:|---:|---:|---:|")
+    print("| training step | images/s (median) | spread | peak RSS | page faults/step | vs stock |")
+    print("|---|---:|---:|---:|---:|---:|")
     stock = statistics.median(results["diffusers"]["rates"])
     labels = {
         "diffusers": "stock diffusers loop, same threads",
         "facediff": "facediff",
+        "facediff-kept": "facediff, freed memory kept (`keep_freed_memory`)",
         "diffusers-launched": "stock loop as `accelerate launch` runs it on CPU (1 thread)",
     }
     for variant, label in labels.items():
         rates = results[variant]["rates"]
         median = statistics.median(rates)
         print(f"| {label} | {median:.1f} | {min(rates):.1f}-{max(rates):.1f} | "
-              f"{results[variant]['peak_mb']:.0f} MB | {median / stock:.2f}x |")  # fmt: skip
+              f"{results[variant]['peak_mb']:.0f} MB | {statistics.median(results[variant]['faults']):.0f} | "
+              f"{median / stock:.2f}x |")  # fmt: skip
 
 
 if __name__ == "__main__":
