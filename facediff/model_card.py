@@ -24,6 +24,7 @@ EVAL_METRICS = (
     ("fid", "fid", "FID"),
     ("kid_mean", "kid", "KID"),
     ("pixel_pca_fd", "pixel-pca-fd", "pixel-PCA FD"),
+    ("pixel_pca_kid_mean", "pixel-pca-kid", "pixel-PCA KID"),
     ("memorised_share", "memorised-share", "memorised share"),
 )
 
@@ -95,15 +96,20 @@ def evaluation_table(results: dict) -> str:
         `str`
     """
     has_inception = "fid" in results["rows"][0]
-    header = ["steps", *(["FID", "KID"] if has_inception else []), "pixel-PCA FD", "memorised"]
+    header = ["steps", *(["FID", "KID"] if has_inception else []), "pixel-PCA FD", "pixel-PCA KID", "memorised"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for row in results["rows"]:
         cells = [str(row["steps"])]
         if has_inception:
-            cells += [f"{row['fid']:.2f}", f"{row['kid_mean']:.4f} ± {row['kid_std']:.4f}"]
-        cells += [f"{row['pixel_pca_fd']:.3f}", f"{row['memorised_share']:.1%}"]
+            cells += [f"{row['fid']:.2f}", _kid(row, "kid")]
+        cells += [f"{row['pixel_pca_fd']:.3f}", _kid(row, "pixel_pca_kid"), f"{row['memorised_share']:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _kid(row: dict, name: str) -> str:
+    """A KID cell; results written before the pixel-PCA KID existed have none."""
+    return f"{row[name + '_mean']:.4f} ± {row[name + '_std']:.4f}" if name + "_mean" in row else "n/a"
 
 
 def evaluation_facts(folder: str | os.PathLike) -> dict:

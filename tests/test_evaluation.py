@@ -58,7 +58,7 @@ def brighter(images: torch.Tensor, shift: int) -> torch.Tensor:
 def test_scores_are_zero_for_the_reference_itself_and_grow_with_a_brightness_shift(faces):
     evaluator = SampleEvaluator(faces, inception=RandomFeatures())
     scores = [evaluator.score(brighter(faces, shift)) for shift in (0, 8, 24, 64)]
-    for name in ("fid", "kid_mean", "pixel_pca_fd"):
+    for name in ("fid", "kid_mean", "pixel_pca_fd", "pixel_pca_kid_mean"):
         values = [score[name] for score in scores]
         assert abs(values[0]) < 1e-3 * values[-1], (name, values)
         assert values == sorted(values) and len(set(values)) == len(values), (name, values)
@@ -121,32 +121,41 @@ def test_eval_writes_a_table_json_and_the_card_model_index(gray_pipeline, random
     assert main(["eval", str(model), *flags, "--inception-weights", str(random_inception_weights)]) == 0
 
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "| steps | FID | KID | pixel-PCA FD | memorised |"
+    assert printed[0] == "| steps | FID | KID | pixel-PCA FD | pixel-PCA KID | memorised |"
     assert [line.split(" | ")[0] for line in printed[2:4]] == ["| 2", "| 1"]
     assert printed[4] == f"Wrote {model / 'eval_results.json'} and refreshed {model / 'README.md'}"
     results = json.loads((model / "eval_results.json").read_text())
     assert results["num_images"] == 2 and results["num_reference"] == 4
     assert results["reference_name"] == "olivetti-faces/train"
     assert [row["steps"] for row in results["rows"]] == [2, 1]
-    scores = {"fid", "kid_mean", "kid_std", "pixel_pca_fd", "memorised_share"}
+    scores = {
+        "fid",
+        "kid_mean",
+        "kid_std",
+        "pixel_pca_fd",
+        "pixel_pca_kid_mean",
+        "pixel_pca_kid_std",
+        "memorised_share",
+    }
     assert set(results["rows"][0]) == {"steps", *scores, "sampling_seconds"}
 
     refresh_card_evaluation(model)  # refreshing again replaces the section instead of adding another
     card = ModelCard.load(model / "README.md")
     assert card.data.model_name == "model"
     metrics = [(result.metric_type, result.metric_name) for result in card.data.eval_results]
-    assert metrics[:4] == [
+    assert metrics[:5] == [
         ("fid", "FID (2 steps, 2 samples)"),
         ("kid", "KID (2 steps, 2 samples)"),
         ("pixel-pca-fd", "pixel-PCA FD (2 steps, 2 samples)"),
+        ("pixel-pca-kid", "pixel-PCA KID (2 steps, 2 samples)"),
         ("memorised-share", "memorised share (2 steps, 2 samples)"),
     ]
-    assert len(metrics) == 8
+    assert len(metrics) == 10
     assert card.text.count("## Evaluation") == 1 and "## Usage\n\nDraw faces." in card.text
-    assert "| steps | FID | KID | pixel-PCA FD | memorised |" in card.text
+    assert "| steps | FID | KID | pixel-PCA FD | pixel-PCA KID | memorised |" in card.text
     # A card rendered from the template, as training writes it, picks the results up too.
     card = ModelCard.load(write_model_card({"model_name": "model"}, model))
-    assert len(card.data.eval_results) == 8 and card.text.count("## Evaluation") == 1
+    assert len(card.data.eval_results) == 10 and card.text.count("## Evaluation") == 1
     assert (
         "2 samples per row (seed 0, `variance_type` fixed_large) against 4 images of `olivetti-faces/train`"
         in card.text
