@@ -193,7 +193,8 @@ def _evaluation_setup(results: dict) -> str:
         f"{results['num_reference']} images of `{results['reference_name']}`, by `facediff eval`. {inception}"
         f"Pixel-PCA FD is the Frechet distance between pixel statistics on the reference images' top "
         f"{results['pixel_pca_components']} principal components: it needs no download, and it is not comparable "
-        f"with published FIDs. Memorised is the share of samples closer to a reference image than "
+        f"with published FIDs; pixel-PCA KID is the unbiased kernel distance on the same features, near 0 for real "
+        f"images at any sample count. Memorised is the share of samples closer to a reference image than "
         f"{100 - results['memorisation_percentile']:g}% of reference images are to their nearest other one."
     )
 
