@@ -13,7 +13,7 @@ from torch import nn
 from facediff.cli import main
 from facediff.evaluation import SampleEvaluator, load_fid_inception, load_reference, memorisation_threshold
 from facediff.fid_inception import FIDInceptionV3
-from facediff.model_card import evaluation_facts, refresh_card_evaluation, write_model_card
+from facediff.model_card import evaluation_facts, evaluation_table, refresh_card_evaluation, write_model_card
 
 from .conftest import OLIVETTI
 
@@ -62,6 +62,11 @@ def test_scores_are_zero_for_the_reference_itself_and_grow_with_a_brightness_shi
         values = [score[name] for score in scores]
         assert abs(values[0]) < 1e-3 * values[-1], (name, values)
         assert values == sorted(values) and len(set(values)) == len(values), (name, values)
+
+
+def test_results_from_before_the_pixel_pca_kid_still_make_a_table():
+    row = {"steps": 100, "pixel_pca_fd": 2.5, "memorised_share": 0.0}  # eval_results.json written before that column
+    assert evaluation_table({"rows": [row]}).splitlines()[2] == "| 100 | 2.500 | n/a | 0.0% |"
 
 
 def test_reference_loads_at_sizes_no_preset_takes():
