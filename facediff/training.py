@@ -36,6 +36,11 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradients became NaN or infinite; the weights were not updated with them."""
 
 
+# fp16's gradient scaler skips a step whose gradients overflow and halves its scale, from 2**16. Still overflowing
+# after this many halvings in a row, the gradients are non-finite at any scale: skipping on would train nothing.
+MAX_CONSECUTIVE_SKIPPED_STEPS = 25
+
+
 @dataclass
 class TrainingResult:
     output_dir: Path
@@ -140,7 +145,7 @@ def train(args: TrainingArguments) -> TrainingResult:
         total=max_train_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
     )
     with StopRequest() as stop, progress:
-        running_loss, window_start, window_images = None, time.monotonic(), 0
+        running_loss, window_start, window_images, skipped_in_a_row = None, time.monotonic(), 0, 0
         for epoch in range(first_epoch, num_epochs):
             dataloader.set_epoch(epoch)
             batches = dataloader
@@ -155,8 +160,9 @@ def train(args: TrainingArguments) -> TrainingResult:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or math.inf)
-                        # A gradient scaler (fp16 on CUDA) skips such a step by itself and lowers its scale;
-                        # without one (any other precision, or fp16 on a CPU, where Accelerate runs float32) stop.
+                        # A gradient scaler (fp16 on CUDA) skips such a step by itself and lowers its scale, up
+                        # to MAX_CONSECUTIVE_SKIPPED_STEPS times; without one (any other precision, or fp16 on a
+                        # CPU, where Accelerate runs float32) stop now.
                         if accelerator.scaler is None and not torch.isfinite(grad_norm):
                             message = _non_finite_message(global_step + 1, "gradient norm", grad_norm, output_dir)
                             raise NonFiniteLossError(message)
@@ -165,8 +171,14 @@ def train(args: TrainingArguments) -> TrainingResult:
                 window_images += args.train_batch_size
                 if not accelerator.sync_gradients:
                     continue
-
-                lr_scheduler.step()
+                if accelerator.optimizer_step_was_skipped:
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row == MAX_CONSECUTIVE_SKIPPED_STEPS:
+                        what = f"gradient norm (non-finite at every fp16 loss scale for {skipped_in_a_row} steps)"
+                        raise NonFiniteLossError(_non_finite_message(global_step + 1, what, grad_norm, output_dir))
+                else:
+                    skipped_in_a_row = 0
+                    lr_scheduler.step()  # as Accelerate's own scheduler wrapper: the schedule counts real updates
                 if ema is not None:
                     ema.step(unet.parameters())
                 global_step += 1

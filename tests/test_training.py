@@ -246,3 +246,58 @@ def test_config_files_give_the_same_arguments_as_flags(tmp_path):
     assert parse_training_arguments([str(tmp_path / "run.yaml")]) == from_flags
     assert parse_training_arguments([str(tmp_path / "run.json")]) == from_flags
     assert from_flags.use_ema is False and from_flags.learning_rate == 1e-3
+
+
+def with_gradient_scaler(make_accelerator):
+    """What Accelerate sets up for fp16 on CUDA, on this CPU: a gradient scaler that skips overflowing steps."""
+
+    def make(args, output_dir):
+        accelerator = make_accelerator(args, output_dir)
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+        return accelerator
+
+    return make
+
+
+def inf_gradients_for(num_steps: int):
+    """Model builder whose conv_in gradient is infinite in the first `num_steps` backward passes."""
+    build_model = training._build_model
+    backward_passes = []
+
+    def build(args, channels):
+        unet = build_model(args, channels)
+
+        def poison(grad):
+            backward_passes.append(1)
+            return grad * float("inf") if len(backward_passes) <= num_steps else grad
+
+        unet.conv_in.weight.register_hook(poison)
+        return unet
+
+    return build
+
+
+def test_gradient_scaler_recovers_from_a_few_overflowing_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "_make_accelerator", with_gradient_scaler(training._make_accelerator))
+    monkeypatch.setattr(training, "_build_model", inf_gradients_for(3))
+    output = tmp_path / "run"
+    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "6"]
+    result = train(parse_training_arguments(tiny_run(output, *flags)))
+    assert result.global_step == 6
+    assert all(torch.isfinite(parameter).all() for parameter in result.unet.parameters())
+
+
+def test_persistent_gradient_scaler_skips_stop_training(tmp_path, monkeypatch):
+    skips = training.MAX_CONSECUTIVE_SKIPPED_STEPS
+    monkeypatch.setattr(training, "_make_accelerator", with_gradient_scaler(training._make_accelerator))
+    monkeypatch.setattr(training, "_build_model", inf_gradients_for(10_000))
+    output = tmp_path / "run"
+    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", str(skips + 5),
+             "--checkpointing_steps", "10", "--save_images_steps", "100"]  # fmt: skip
+    message = rf"gradient norm \(non-finite at every fp16 loss scale for {skips} steps\) became inf"
+    with pytest.raises(NonFiniteLossError, match=rf"{message} at step {skips}.*checkpoint-20, is kept"):
+        train(parse_training_arguments(tiny_run(output, *flags)))
+    # Every step was skipped, so the checkpoints hold the initial weights, unchanged and finite.
+    first, last = (load_file(output / name / "model.safetensors") for name in ("checkpoint-10", "checkpoint-20"))
+    assert all(torch.equal(first[name], last[name]) and torch.isfinite(last[name]).all() for name in first)
+    assert not (output / "model_index.json").exists()

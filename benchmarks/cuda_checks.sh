@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every CUDA check in one run, for a machine with a GPU (CI has none): the CUDA tests, the speed tables, and the main
+# job trained in fp16 and bf16 and scored with the offline metric, to compare with the CPU-trained model's figures in
+# the README. Stages run in order of importance and each writes its log as it goes, so a run cut short still leaves
+# the finished ones: five logs and the two main jobs' sample grids in LOG_DIR, the trained pipelines in WORK_DIR.
+#
+#     bash benchmarks/cuda_checks.sh [LOG_DIR] [WORK_DIR]
+set -uo pipefail
+logs=${1:-cuda-checks}
+work=${2:-$logs}
+mkdir -p "$logs" "$work"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$logs/tests.log"
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee -a "$logs/tests.log"
+(cd benchmarks && PYTHONWARNINGS=ignore python3 cuda_speed.py) 2>&1 | tee "$logs/speed.log"
+
+digits=$(python3 -c "from facediff.digits import digits_image_folder; print(digits_image_folder())")
+for precision in fp16 bf16; do
+    log="$logs/main-job-$precision.log"
+    # Progress bars redraw with carriage returns: one line each in the log, the last few on screen.
+    accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision "$precision" \
+        train_accelerate.py --mixed_precision "$precision" --output_dir "$work/main-job-$precision" 2>&1 \
+        | tr '\r' '\n' >"$log"
+    facediff eval "$work/main-job-$precision" --reference "$digits" --num-images 128 --batch-size 64 \
+        --no-inception --steps 1000 100 2>&1 | tr '\r' '\n' >>"$log"
+    grep -v "it/s\]$\|s/it\]$" "$log" | tail -n 25
+    cp "$work/main-job-$precision/sample_grid.png" "$logs/sample-grid-$precision.png"
+done
+
+(cd benchmarks && PYTHONWARNINGS=ignore python3 cuda_speed.py --dtypes float16 --compile-dtypes float16) 2>&1 \
+    | tee "$logs/speed-compile.log"
