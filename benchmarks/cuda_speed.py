@@ -5,13 +5,13 @@
                                     [--dtypes float32 float16 bfloat16] [--compile-dtypes float16]
 
 Sampling: diffusers' DDPMPipeline and FaceDiffPipeline sample the same batch with the same UNet weights, dtype and
-number of steps; FaceDiffPipeline in channels_last (its default) and contiguous layouts, and, for the dtypes named by
-`--compile-dtypes`, with `torch.compile` in its default mode and in "reduce-overhead" mode (CUDA graphs); compile
-time is reported apart. Training: one optimizer step of the stock diffusers loop (train_unconditional.py's
-DDPMScheduler.add_noise, MSE on the noise, backward, clipping, AdamW, EMA) against facediff's
-`facediff.training._diffusion_loss` with the same rest, in both layouts; under `torch.autocast` for float16 and
-bfloat16 (with a GradScaler for float16), as Accelerate's mixed precision runs them, and in float32 otherwise (TF32
-convolutions, cuDNN's default).
+number of steps; FaceDiffPipeline in its default layout (contiguous on a GPU) and in channels_last, and, for the dtypes
+named by `--compile-dtypes`, with `torch.compile` in its default mode and in "reduce-overhead" mode (CUDA graphs, what
+`facediff sample --compile` uses on a GPU); compile time is reported apart. Training: one optimizer step of the stock
+diffusers loop (train_unconditional.py's DDPMScheduler.add_noise, MSE on the noise, backward, clipping, AdamW, EMA)
+against facediff's `facediff.training._diffusion_loss` with the same rest, in both layouts; under `torch.autocast` for
+float16 and bfloat16 (with a GradScaler for float16), as Accelerate's mixed precision runs them, and in float32
+otherwise (TF32 convolutions, cuDNN's default).
 
 Each run is bracketed by `torch.cuda.synchronize()`; the variants alternate over rounds after a warm-up; the tables
 give the median and the spread (min to max), images/s, the UNet's achieved TFLOP/s, and peak memory
@@ -76,21 +76,20 @@ def sampling_variants(unet, compile_unet: bool, device: torch.device) -> tuple[d
     stock_scheduler = DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large", clip_sample=False)
     variants = {
         "diffusers DDPMPipeline": stock(quiet(DDPMPipeline(unet=unet, scheduler=stock_scheduler))),
-        "facediff (channels_last)": ours(
-            quiet(FaceDiffPipeline(unet=copy.deepcopy(unet), scheduler=FaceDiffScheduler())), torch.channels_last
+        "facediff (default layout)": ours(
+            quiet(FaceDiffPipeline(unet=copy.deepcopy(unet), scheduler=FaceDiffScheduler())), None
         ),
-        "facediff, contiguous": ours(
-            quiet(FaceDiffPipeline(unet=copy.deepcopy(unet), scheduler=FaceDiffScheduler())), torch.contiguous_format
+        "facediff, channels_last": ours(
+            quiet(FaceDiffPipeline(unet=copy.deepcopy(unet), scheduler=FaceDiffScheduler())), torch.channels_last
         ),
     }
     compile_seconds = {}
     if compile_unet:
+        # "reduce-overhead" adds CUDA graphs; `facediff sample --compile` picks it on a GPU.
         for mode in ("default", "reduce-overhead"):
-            compiled_unet = torch.compile(copy.deepcopy(unet).to(memory_format=torch.channels_last), mode=mode)
             name = f"facediff + torch.compile({mode})"
-            variants[name] = ours(
-                quiet(FaceDiffPipeline(unet=compiled_unet, scheduler=FaceDiffScheduler())), torch.channels_last
-            )
+            compiled_unet = torch.compile(copy.deepcopy(unet), mode=mode)
+            variants[name] = ours(quiet(FaceDiffPipeline(unet=compiled_unet, scheduler=FaceDiffScheduler())), None)
             started = time.perf_counter()
             variants[name](2, 3)
             synchronize(device)
@@ -181,6 +180,7 @@ def main():
     parser.add_argument("--train-steps", type=int, default=20, help="training steps per timed run")
     parser.add_argument("--rounds", type=int, default=3, help="timed runs per variant, alternating")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--no-training", action="store_true", help="time sampling only")
     parser.add_argument("--compile-dtypes", nargs="*", default=[], choices=list(DTYPES),
                         help="also time torch.compile in these dtypes (a minute or more each)")  # fmt: skip
     args = parser.parse_args()
@@ -210,6 +210,8 @@ def main():
             print(f"{variant_name}: first call (compile) took {spent:.0f} s")
         del variants
 
+        if args.no_training:
+            continue
         # Mixed precision trains float32 weights under autocast, as Accelerate does.
         steps = training_variants(float32_unet.to(device), dtype, args.batch_size, device)
         for step in steps.values():

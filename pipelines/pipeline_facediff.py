@@ -49,7 +49,7 @@ class FaceDiffPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        memory_format: torch.memory_format = torch.channels_last,
+        memory_format: torch.memory_format | None = None,
     ) -> ImagePipelineOutput | tuple:
         """
         Generate images.
@@ -67,11 +67,12 @@ class FaceDiffPipeline(DiffusionPipeline):
                 (N, C, H, W in [0, 1]).
             return_dict (`bool`, defaults to `True`):
                 Return an [`ImagePipelineOutput`] rather than a tuple.
-            memory_format (`torch.memory_format`, defaults to `torch.channels_last`):
-                Layout of the UNet's weights and of the sample while sampling: convolutions run faster on
-                channels-last tensors (1.3x on a 2-core CPU, see the README). The UNet gets its own layout back
-                afterwards, so that a model being trained keeps computing as it did. The images are the same up to
-                float rounding. `torch.contiguous_format` turns it off.
+            memory_format (`torch.memory_format`, *optional*):
+                Layout of the UNet's weights and of the sample while sampling. By default `torch.channels_last`
+                on a CPU, where convolutions run faster on it (1.2-1.3x on a 2-core CPU, see the README), and
+                `torch.contiguous_format` elsewhere (on an H100, channels_last sampled 7-15% slower in every
+                dtype). The UNet gets its own layout back afterwards, so that a model being trained keeps
+                computing as it did. The images are the same up to float rounding.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the images, as `images` or as the tuple's first element.
@@ -84,10 +85,15 @@ class FaceDiffPipeline(DiffusionPipeline):
         sample_size = self.unet.config.sample_size
         height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
         shape = (batch_size, self.unet.config.in_channels, height, width)
-        image = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        device = self._execution_device
+        if memory_format is None:
+            memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         image = image.contiguous(memory_format=memory_format)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        # The chain stays on the CPU: the scheduler reads each t as a number, which on a GPU would wait for the
+        # device at every step instead of queueing the next one.
+        self.scheduler.set_timesteps(num_inference_steps)
         with _unet_layout(self.unet, memory_format):
             for t in self.progress_bar(self.scheduler.timesteps):
                 model_output = self.unet(image, t).sample
