@@ -60,3 +60,12 @@ def test_cuda_sampling_matches_ddpm_pipeline(tmp_path):
     images = ours(batch_size=2, generator=torch.Generator().manual_seed(3), output_type="pt").images
     # TF32 convolutions and layout-dependent kernels round differently; over 1000 steps that stays small.
     assert (images - expected).abs().max().item() < 2e-2
+
+
+def test_cuda_sampling_defaults_to_the_contiguous_layout():
+    torch.manual_seed(0)
+    pipeline = FaceDiffPipeline(unet=build_unet("small", 16, 3), scheduler=FaceDiffScheduler()).to("cuda")
+    seen = []
+    pipeline.unet.conv_in.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].is_contiguous()))
+    pipeline(batch_size=2, num_inference_steps=3, output_type="pt")
+    assert seen == [True, True, True]

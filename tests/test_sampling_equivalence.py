@@ -48,3 +48,15 @@ def test_sampling_leaves_the_unet_layout_as_it_was(gray_pipeline):
             weight = gray_pipeline.unet.down_blocks[0].resnets[0].conv1.weight
             assert weight.is_contiguous() == (layout == torch.contiguous_format)
     torch.testing.assert_close(weight, conv_weight, rtol=0, atol=0)
+
+
+def test_default_layout_is_channels_last_on_a_cpu(rgb_pipeline):
+    rgb_pipeline.set_progress_bar_config(disable=True)
+    seen = []
+    rgb_pipeline.unet.conv_in.register_forward_pre_hook(
+        lambda module, inputs: seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    rgb_pipeline(batch_size=2, num_inference_steps=3, output_type="pt")
+    assert seen == [True, True, True]
+    rgb_pipeline(batch_size=2, num_inference_steps=2, output_type="pt", memory_format=torch.contiguous_format)
+    assert seen[3:] == [False, False]
