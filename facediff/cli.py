@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampler_options.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the UNet: about a minute to compile cold, then about 1.2x faster",
+        help="torch.compile the UNet (with CUDA graphs on a GPU) after about a minute's compile: 1.35-1.56x the "
+        "stock pipeline's speed on a 2-core CPU, 1.72x on an H100 in fp16",
     )
     sampler = commands.add_parser("sample", parents=[sampler_options], help="draw images from a trained pipeline")
     sampler.add_argument("model", help="a pipeline folder or a Hub repo id (user/name)")
