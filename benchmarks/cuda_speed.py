@@ -9,9 +9,9 @@ number of steps; FaceDiffPipeline in its default layout (contiguous on a GPU) an
 named by `--compile-dtypes`, with `torch.compile` in its default mode and in "reduce-overhead" mode (CUDA graphs, what
 `facediff sample --compile` uses on a GPU); compile time is reported apart. Training: one optimizer step of the stock
 diffusers loop (train_unconditional.py's DDPMScheduler.add_noise, MSE on the noise, backward, clipping, AdamW, EMA)
-against facediff's `facediff.training._diffusion_loss` with the same rest, in both layouts; under `torch.autocast` for
-float16 and bfloat16 (with a GradScaler for float16), as Accelerate's mixed precision runs them, and in float32
-otherwise (TF32 convolutions, cuDNN's default).
+against facediff's `facediff.training._diffusion_loss` with the same rest (and the EMA's `foreach` update, as facediff's
+loop runs it), in both layouts; under `torch.autocast` for float16 and bfloat16 (with a GradScaler for float16), as
+Accelerate's mixed precision runs them, and in float32 otherwise (TF32 convolutions, cuDNN's default).
 
 Each run is bracketed by `torch.cuda.synchronize()`; the variants alternate over rounds after a warm-up; the tables
 give the median and the spread (min to max), images/s, the UNet's achieved TFLOP/s, and peak memory
@@ -117,10 +117,11 @@ def training_variants(unet, dtype: torch.dtype, batch_size: int, device: torch.d
     def facediff_loss(model):
         return _diffusion_loss(model, facediff_scheduler, pixels, args)
 
-    def make_step(loss_fn, memory_format):
+    def make_step(loss_fn, memory_format, foreach_ema):
         model = copy.deepcopy(unet).to(memory_format=memory_format).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-        ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+        ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
+                       foreach=foreach_ema)  # fmt: skip
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
         def step():
@@ -137,9 +138,9 @@ def training_variants(unet, dtype: torch.dtype, batch_size: int, device: torch.d
         return step
 
     return {
-        "stock diffusers loop": make_step(stock_loss, torch.contiguous_format),
-        "facediff": make_step(facediff_loss, torch.contiguous_format),
-        "facediff, channels_last": make_step(facediff_loss, torch.channels_last),
+        "stock diffusers loop": make_step(stock_loss, torch.contiguous_format, foreach_ema=False),
+        "facediff": make_step(facediff_loss, torch.contiguous_format, foreach_ema=True),
+        "facediff, channels_last": make_step(facediff_loss, torch.channels_last, foreach_ema=True),
     }
 
 

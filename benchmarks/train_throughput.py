@@ -4,9 +4,9 @@
 
 The stock loop is diffusers' examples/unconditional_image_generation/train_unconditional.py reduced to its step:
 DDPMScheduler.add_noise, the same UNet2DModel config, MSE on the noise, backward, gradient clipping, AdamW and an
-EMAModel update; it is also timed with the single thread that `accelerate launch` gives a CPU run
-(OMP_NUM_THREADS=1), where facediff's training uses the machine's cores. facediff's step is
-`facediff.training._diffusion_loss` with the same optimizer, clipping and EMA; it is timed a second time with
+EMAModel update; it is also timed with the single thread that `accelerate launch` gives a CPU run (OMP_NUM_THREADS=1),
+where facediff's training uses the machine's cores. facediff's step is `facediff.training._diffusion_loss` with the same
+optimizer and clipping, and the EMA update as facediff's loop runs it (`foreach=True`); it is timed a second time with
 `facediff.allocator.keep_freed_memory()` applied to its process, to show what that is worth for training.
 Each variant runs in fresh processes (so peak RSS is its own), alternating over rounds, after warm-up steps; the
 table gives the median images/s over all repetitions and the spread (min to max).
@@ -41,7 +41,9 @@ def run_variant(variant: str, preset: str, resolution: int, channels: int, batch
     torch.manual_seed(0)
     unet = build_unet(preset, resolution, channels)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    # facediff's loop updates the EMA with diffusers' multi-tensor path; train_unconditional.py with the default loop.
+    foreach = variant.startswith("facediff")
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, foreach=foreach)
     pixels = torch.randint(0, 256, (batch_size, channels, resolution, resolution), dtype=torch.uint8)
 
     if variant.startswith("diffusers"):
