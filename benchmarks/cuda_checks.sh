@@ -5,6 +5,9 @@
 # the finished ones: five logs and the two main jobs' sample grids in LOG_DIR, the trained pipelines in WORK_DIR.
 #
 #     bash benchmarks/cuda_checks.sh [LOG_DIR] [WORK_DIR]
+#
+# It took 8.5 minutes on an H100 (2026-11-26), installing the missing wheels included: leave a device lease room
+# for that and a rerun.
 set -uo pipefail
 logs=${1:-cuda-checks}
 work=${2:-$logs}
