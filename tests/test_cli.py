@@ -33,6 +33,7 @@ def test_sampler_options(gray_pipeline, tmp_path):
     runs = {
         "default": [],
         "contiguous": ["--memory-format", "contiguous"],
+        "channels_last": ["--memory-format", "channels_last"],
         "ddim": ["--eta", "0"],
         "fixed_small": ["--variance-type", "fixed_small"],
         "ddim-clipped": ["--eta", "0", "--clip-sample"],
@@ -49,9 +50,24 @@ def test_sampler_options(gray_pipeline, tmp_path):
 
     # The layout changes nothing but rounding; the scheduler options change the sampler.
     assert np.abs(images("default") - images("contiguous")).max() <= 1
+    assert np.array_equal(images("default"), images("channels_last"))  # "auto" is channels_last on a CPU
     assert np.abs(images("default") - images("ddim")).mean() > 5
     assert not np.array_equal(images("default"), images("fixed_small"))
     assert not np.array_equal(images("ddim"), images("ddim-clipped"))
+
+
+def test_compile_option_compiles_the_unet_in_the_mode_for_its_device(gray_pipeline, tmp_path, monkeypatch):
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    modes = []
+
+    def record_compile(module, mode):
+        modes.append(mode)
+        return module  # compiling for real takes a minute: what is checked here is what reaches torch.compile
+
+    monkeypatch.setattr(torch, "compile", record_compile)
+    flags = ["sample", str(tmp_path / "model"), "--num-images", "1", "--steps", "2", "--out", str(tmp_path / "out")]
+    assert main([*flags, "--compile", "--device", "cpu"]) == 0
+    assert modes == ["default"]  # CUDA graphs ("reduce-overhead") only on a GPU
 
 
 def test_bad_model_gives_one_line_and_exit_code_2(tmp_path):
