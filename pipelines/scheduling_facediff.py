@@ -117,6 +117,9 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.init_noise_sigma = 1.0
+        # sqrt(alphabar_t) and sqrt(1 - alphabar_t) per (device, dtype), made on first use: a copy to a GPU waits for
+        # the device, so a training step that made them afresh would stall twice.
+        self._scale_tables = {}
 
         self.num_inference_steps = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
@@ -330,9 +333,12 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         self, timesteps: torch.Tensor, like: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(alphabar_t) and sqrt(1 - alphabar_t) per sample, shaped to broadcast against `like`."""
-        # Round the float64 table once to the sample's dtype, then move it: no float64 on the device (MPS has none).
-        sqrt_alpha_prod = self.alphas_cumprod.sqrt().to(like.dtype).to(like.device)
-        sqrt_one_minus_alpha_prod = (1.0 - self.alphas_cumprod).sqrt().to(like.dtype).to(like.device)
+        key = (like.device, like.dtype)
+        if key not in self._scale_tables:
+            # Rounded from float64 to the sample's dtype, then moved: no float64 on the device (MPS has none).
+            tables = (self.alphas_cumprod.sqrt(), (1.0 - self.alphas_cumprod).sqrt())
+            self._scale_tables[key] = tuple(table.to(like.dtype).to(like.device) for table in tables)
+        sqrt_alpha_prod, sqrt_one_minus_alpha_prod = self._scale_tables[key]
         index = torch.as_tensor(timesteps).to(like.device).long()
         broadcast_shape = (-1,) + (1,) * (like.ndim - 1)
         return sqrt_alpha_prod[index].reshape(broadcast_shape), sqrt_one_minus_alpha_prod[index].reshape(

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from facediff import FaceDiffScheduler
 
@@ -153,9 +154,42 @@ def test_add_noise_and_velocity_match_diffusers():
 
 
 def test_add_noise_keeps_dtype():
-    x0 = torch.randn(4, 1, 4, 4, dtype=torch.bfloat16)
-    noisy = FaceDiffScheduler().add_noise(x0, torch.randn_like(x0), torch.tensor([0, 1, 500, 999]))
-    assert noisy.dtype == torch.bfloat16 and noisy.shape == x0.shape
+    scheduler = FaceDiffScheduler()
+    for dtype in (torch.bfloat16, torch.float32, torch.bfloat16):  # each dtype gets its own tables
+        x0 = torch.randn(4, 1, 4, 4, dtype=dtype)
+        noise = torch.randn_like(x0)
+        t = torch.tensor([0, 1, 500, 999])
+        noisy = scheduler.add_noise(x0, noise, t)
+        assert noisy.dtype == dtype and noisy.shape == x0.shape
+        expected = reference_ddpm().add_noise(x0.float(), noise.float(), t)
+        tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # bfloat16 keeps 8 bits of mantissa
+        torch.testing.assert_close(noisy.float(), expected, atol=tolerance, rtol=0)
+
+
+class CountedCopies(TorchDispatchMode):
+    """Counts the tensor copies to another dtype or device (`aten._to_copy`) made while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.copies += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_add_noise_copies_its_tables_once():
+    # On a GPU each copy of the tables to the device waits for it: a training step must make none.
+    scheduler = FaceDiffScheduler()
+    x0, t = torch.randn(8, 1, 4, 4), torch.randint(0, T, (8,))
+    first, later = CountedCopies(), CountedCopies()
+    with first:
+        scheduler.add_noise(x0, torch.randn_like(x0), t)
+    with later:
+        for _ in range(3):
+            scheduler.add_noise(x0, torch.randn_like(x0), t)
+            scheduler.get_velocity(x0, torch.randn_like(x0), t)
+    assert first.copies == 2 and later.copies == 0
 
 
 def test_closed_form_matches_iterating_the_forward_step():
