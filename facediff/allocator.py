@@ -6,7 +6,7 @@ kernel must fault in and zero: 8,000-15,000 page faults per forward pass of the 
 Raising both thresholds, as `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...` would at
 start-up, removes them; `python benchmarks/sample_speed.py --keep-freed-memory` and `benchmarks/train_throughput.py`
 measure what it is worth. The process's resident memory then stays at its high-water mark instead of shrinking between
-calls, and the peak grows only by fragmentation (about 10 MB of 530 when sampling, 20 MB of 900 in a training step).
+calls, and the peak grows only by fragmentation (about 10 MB of 530 when sampling, 10-20 MB of 900 in a training step).
 """
 
 import ctypes
