@@ -7,11 +7,13 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
@@ -22,6 +24,8 @@ from .scheduling_facediff import FaceDiffScheduler
 OUTPUT_TYPES = ("pil", "np", "pt")
 # The keyword arguments that say where a folder or Hub repo is and how to fetch it, as every from_pretrained takes.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+# The repo id in a model card's usage lines: `FaceDiffPipeline.from_pretrained("...")` and the remote-code one.
+_USAGE_REPO_ID = re.compile(r'((?:FaceDiffPipeline|DiffusionPipeline)\.from_pretrained\(")[^"]*(")')
 
 
 class FaceDiffPipeline(DiffusionPipeline):
@@ -32,7 +36,8 @@ class FaceDiffPipeline(DiffusionPipeline):
         unet ([`UNet2DModel`]):
             The noise predictor M(x_t, t).
         scheduler ([`FaceDiffScheduler`]):
-            The DDPM schedule and reverse update.
+            The DDPM schedule and reverse update; one of diffusers' schedulers in `scheduler.compatibles`
+            (`DDIMScheduler.from_config(pipeline.scheduler.config)`, ...) also samples, and saves and loads as such.
     """
 
     model_cpu_offload_seq = "unet"
@@ -61,7 +66,7 @@ class FaceDiffPipeline(DiffusionPipeline):
                 Makes sampling reproducible; a list gives one generator per image, and image i is then the image
                 its generator alone gives with `batch_size=1`.
             num_inference_steps (`int`, *optional*):
-                Reverse steps; `None` runs the scheduler's full chain of T steps, fewer respace it.
+                Reverse steps; `None` runs the full chain of T steps, fewer respace it.
             output_type (`str`, defaults to `"pil"`):
                 `"pil"` (mode "L" for one channel, "RGB" for three), `"np"` (N, H, W, C in [0, 1]) or `"pt"`
                 (N, C, H, W in [0, 1]).
@@ -77,6 +82,8 @@ class FaceDiffPipeline(DiffusionPipeline):
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the images, as `images` or as the tuple's first element.
         """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}.")
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -93,6 +100,8 @@ class FaceDiffPipeline(DiffusionPipeline):
 
         # The scheduler reads each t as a number and the UNet takes it as a tensor on its device: keeping a copy
         # of the chain on each side spares a GPU a wait for the device (a read or a blocking copy) at every step.
+        if num_inference_steps is None:
+            num_inference_steps = self.scheduler.config.num_train_timesteps
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps_on_device = self.scheduler.timesteps.to(device)
         with _unet_layout(self.unet, memory_format):
@@ -173,8 +182,9 @@ class FaceDiffPipeline(DiffusionPipeline):
                 )
                 raise OSError(f"{location}/unet: {_first_line(error)} {fix}") from error
         if scheduler is None:
+            scheduler_class = _scheduler_class(index["scheduler"][-1])
             try:
-                scheduler = FaceDiffScheduler.from_pretrained(
+                scheduler = scheduler_class.from_pretrained(
                     pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs
                 )
             except ValueError as error:
@@ -219,7 +229,8 @@ class FaceDiffPipeline(DiffusionPipeline):
 
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", save_directory.resolve().name)
-            self.push_to_hub(repo_id, card_folder=save_directory, **hub_kwargs)
+            save_kwargs = {name: kwargs[name] for name in ("safe_serialization", "variant") if name in kwargs}
+            self.push_to_hub(repo_id, card_folder=save_directory, **hub_kwargs, **save_kwargs)
 
     def push_to_hub(
         self,
@@ -228,6 +239,8 @@ class FaceDiffPipeline(DiffusionPipeline):
         private: bool | None = None,
         token: str | None = None,
         create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
         card_folder: str | os.PathLike | None = None,
     ) -> CommitInfo:
         """
@@ -246,6 +259,10 @@ class FaceDiffPipeline(DiffusionPipeline):
                 A Hub token; default: huggingface_hub's usual sources (HF_TOKEN, the saved login). Never written.
             create_pr (`bool`, defaults to `False`):
                 Open a pull request instead of committing to main.
+            safe_serialization (`bool`, defaults to `True`):
+                Upload the weights as safetensors (`False`: pickle, which facediff never loads by default).
+            variant (`str`, *optional*):
+                Upload the weights as `diffusion_pytorch_model.<variant>.safetensors`, e.g. `"fp16"`.
             card_folder (`str` or `os.PathLike`, *optional*):
                 Where the card and sample grid are; default: the folder this pipeline was loaded from.
 
@@ -253,20 +270,23 @@ class FaceDiffPipeline(DiffusionPipeline):
             `huggingface_hub.CommitInfo`
         """
         card_folder = card_folder or self.name_or_path  # None for a pipeline built in memory
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # with the user's namespace
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
-            self.save_pretrained(folder)
-            for name in ("README.md", "sample_grid.png"):
-                if card_folder and (Path(card_folder) / name).is_file():
-                    shutil.copyfile(Path(card_folder) / name, folder / name)
-            if not (folder / "README.md").is_file() and __package__ == "facediff.pipelines":
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            card = Path(card_folder) / "README.md" if card_folder else None
+            if card is not None and card.is_file():
+                # The card was written for a folder or another repo: its usage lines name where it now goes.
+                (folder / "README.md").write_text(_USAGE_REPO_ID.sub(rf"\g<1>{repo_id}\g<2>", card.read_text()))
+            elif __package__ == "facediff.pipelines":
                 # The template ships with facediff; as remote code without facediff there is none to render.
                 card_module = importlib.import_module("facediff.model_card")
                 card_module.pipeline_model_card(self, repo_id).save(folder / "README.md")
+            if card_folder and (Path(card_folder) / "sample_grid.png").is_file():
+                shutil.copyfile(Path(card_folder) / "sample_grid.png", folder / "sample_grid.png")
             files = sorted(path for path in folder.rglob("*") if path.is_file())
             operations = [CommitOperationAdd(str(path.relative_to(folder)), str(path)) for path in files]
-            api = HfApi(token=token)
-            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             return api.create_commit(
                 repo_id=repo_id, operations=operations, commit_message=commit_message, create_pr=create_pr
             )
@@ -277,15 +297,15 @@ class FaceDiffPipeline(DiffusionPipeline):
         pipeline_source = Path(__file__)
         scheduler_source = Path(__file__).with_name("scheduling_facediff.py")
         shutil.copyfile(pipeline_source, folder / pipeline_source.name)
-        # Twice for the scheduler: beside the pipeline for its relative import, and in scheduler/ where diffusers
-        # looks for a component's own code.
+        # Beside the pipeline for its relative import; for our scheduler, also in scheduler/, where diffusers looks
+        # for a component's own code. A diffusers scheduler keeps the entry diffusers wrote for it.
         shutil.copyfile(scheduler_source, folder / scheduler_source.name)
-        shutil.copyfile(scheduler_source, folder / "scheduler" / scheduler_source.name)
-
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = [pipeline_source.stem, FaceDiffPipeline.__name__]
-        index["scheduler"] = [scheduler_source.stem, FaceDiffScheduler.__name__]
+        if index["scheduler"][-1] == FaceDiffScheduler.__name__:
+            shutil.copyfile(scheduler_source, folder / "scheduler" / scheduler_source.name)
+            index["scheduler"] = [scheduler_source.stem, FaceDiffScheduler.__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
@@ -316,15 +336,21 @@ def _first_line(error: Exception) -> str:
 
 def _check_model_index(index: dict, location) -> None:
     """Refuse a model_index.json that does not describe a FaceDiffPipeline, naming the file and what is wrong."""
-    expected = {"_class_name": "FaceDiffPipeline", "unet": "UNet2DModel", "scheduler": "FaceDiffScheduler"}
-    for key, class_name in expected.items():
+    schedulers = (FaceDiffScheduler.__name__, *FaceDiffScheduler._compatibles)
+    expected = {"_class_name": ("FaceDiffPipeline",), "unet": ("UNet2DModel",), "scheduler": schedulers}
+    for key, class_names in expected.items():
         entry = index.get(key)
         found = entry[-1] if isinstance(entry, (list, tuple)) and entry else entry
-        if found != class_name:
+        if found not in class_names:
             raise ValueError(
-                f"{location}/model_index.json names {key}={entry!r}, but a FaceDiffPipeline needs {class_name}: "
-                "load this folder with the pipeline class it was saved from."
+                f"{location}/model_index.json names {key}={entry!r}, but a FaceDiffPipeline needs "
+                f"{' or '.join(class_names)}: load this folder with the pipeline class it was saved from."
             )
+
+
+def _scheduler_class(name: str) -> type:
+    """Ours, or the diffusers scheduler of that name: only classes of installed libraries, never a folder's code."""
+    return FaceDiffScheduler if name == FaceDiffScheduler.__name__ else getattr(diffusers, name)
 
 
 def _move_entries_into_place(staging: Path, target: Path) -> None:

@@ -5,6 +5,7 @@ update, with respacing to fewer steps (Nichol & Dhariwal 2021)."""
 
 import itertools
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,9 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
             deterministic, 1 equals the posterior-variance DDPM step. `variance_type` is then unused.
     """
 
+    # diffusers' schedulers that FaceDiffPipeline's loop (DDPMPipeline's: no input scaling) samples a model of
+    # ours with, tested against DDPMPipeline: `pipeline.scheduler.compatibles` lists them.
+    _compatibles = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"]
     order = 1
 
     @register_to_config
@@ -159,11 +163,16 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         elif num_inference_steps is None:
             chain = list(range(num_train_timesteps - 1, -1, -1))
         else:
-            if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_train_timesteps:
-                raise ValueError(
-                    f"num_inference_steps must be an integer between 1 and num_train_timesteps "
-                    f"({num_train_timesteps}), got {num_inference_steps!r}."
-                )
+            problem = (
+                f"num_inference_steps must be an integer between 1 and num_train_timesteps ({num_train_timesteps}), "
+                f"got {num_inference_steps!r}."
+            )
+            try:  # any integer type: a Python int, a NumPy integer, a 0-d integer tensor
+                num_inference_steps = operator.index(num_inference_steps)
+            except TypeError:
+                raise ValueError(problem) from None
+            if not 1 <= num_inference_steps <= num_train_timesteps:
+                raise ValueError(problem)
             chain = np.linspace(num_train_timesteps - 1, 0, num_inference_steps).round().astype(np.int64).tolist()
 
         self.num_inference_steps = len(chain)
@@ -228,8 +237,9 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
+        *,
+        variance_noise: torch.Tensor | None = None,
     ) -> FaceDiffSchedulerOutput | tuple:
         """
         One reverse step of the document: x_t -> x_{t-1} (on a respaced chain, to the previous chosen step).
@@ -243,10 +253,11 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
                 x_t.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Draws z; a list gives one generator per sample.
-            variance_noise (`torch.Tensor`, *optional*):
-                z itself, instead of drawing it.
             return_dict (`bool`, defaults to `True`):
                 Return a [`FaceDiffSchedulerOutput`] rather than a tuple.
+            variance_noise (`torch.Tensor`, *optional*):
+                z itself, instead of drawing it. Keyword-only, so that a call written for `DDPMScheduler.step`
+                (`generator`, then `return_dict`) means the same here.
 
         Returns:
             [`FaceDiffSchedulerOutput`] or `tuple`: `(prev_sample, pred_original_sample)`.

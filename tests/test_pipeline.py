@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from PIL import Image
 
 from facediff import FaceDiffPipeline, FaceDiffScheduler
@@ -61,6 +61,11 @@ def test_one_generator_per_image_gives_each_image_alone(rgb_pipeline):
 def test_wrong_number_of_generators_is_refused(gray_pipeline):
     with pytest.raises(ValueError, match="one per image"):
         gray_pipeline(batch_size=3, generator=[torch.Generator()] * 2, num_inference_steps=2)
+
+
+def test_an_empty_batch_is_refused(gray_pipeline):
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        gray_pipeline(batch_size=0, num_inference_steps=2)
 
 
 @pytest.mark.parametrize("fixture,mode,channels", [("gray_pipeline", "L", 1), ("rgb_pipeline", "RGB", 3)])
@@ -212,8 +217,9 @@ def test_invalid_scheduler_config_names_the_file(gray_pipeline, tmp_path):
     [
         (
             "scheduler",
-            ["diffusers", "DDIMScheduler"],
-            r"names scheduler=\['diffusers', 'DDIMScheduler'\].*FaceDiffScheduler",
+            ["diffusers", "EulerDiscreteScheduler"],
+            r"names scheduler=\['diffusers', 'EulerDiscreteScheduler'\], but .* needs FaceDiffScheduler or "
+            "DDPMScheduler or DDIMScheduler or DPMSolverMultistepScheduler",
         ),
         ("unet", ["nowhere", "NoSuchModel"], r"names unet=\['nowhere', 'NoSuchModel'\], but .* needs UNet2DModel"),
     ],
@@ -268,7 +274,9 @@ REMOTE_LOAD = textwrap.dedent(
 )
 
 
-def run_without_facediff(tmp_path, model: str, env: dict | None = None) -> np.ndarray:
+def run_without_facediff(
+    tmp_path, model: str, env: dict | None = None, scheduler: str = "FaceDiffScheduler"
+) -> np.ndarray:
     script = tmp_path / "remote_load.py"
     script.write_text(REMOTE_LOAD)
     result = subprocess.run(
@@ -280,7 +288,7 @@ def run_without_facediff(tmp_path, model: str, env: dict | None = None) -> np.nd
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "FaceDiffPipeline FaceDiffScheduler" in result.stdout
+    assert f"FaceDiffPipeline {scheduler}" in result.stdout
     return np.load(tmp_path / "images.npy")
 
 
@@ -294,6 +302,20 @@ def test_plain_diffusers_loads_a_hub_repo_id_as_remote_code_without_facediff(gra
     gray_pipeline.save_pretrained(tmp_path / "model")
     lay_out_as_hub_cache(tmp_path / "model", tmp_path / "hub", "someone/faces")
     images = run_without_facediff(tmp_path, "someone/faces", env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    np.testing.assert_array_equal(images, sample(gray_pipeline))
+
+
+def test_a_swapped_in_diffusers_scheduler_saves_and_loads_as_itself(gray_pipeline, tmp_path):
+    gray_pipeline.scheduler = DDIMScheduler.from_config(gray_pipeline.scheduler.config, timestep_spacing="trailing")
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    assert not (tmp_path / "model" / "scheduler" / "scheduling_facediff.py").exists()
+
+    loaded = FaceDiffPipeline.from_pretrained(tmp_path / "model")
+    assert type(loaded.scheduler) is DDIMScheduler and loaded.scheduler.config.timestep_spacing == "trailing"
+    np.testing.assert_array_equal(sample(loaded), sample(gray_pipeline))
+    images = run_without_facediff(tmp_path, str(tmp_path / "model"), scheduler="DDIMScheduler")
     np.testing.assert_array_equal(images, sample(gray_pipeline))
 
 

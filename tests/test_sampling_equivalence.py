@@ -1,7 +1,11 @@
 """Sampling gives diffusers' images: FaceDiffPipeline against DDPMPipeline, and the memory-format speed option."""
 
+import numpy as np
+import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
+
+from facediff import FaceDiffScheduler
 
 
 def test_full_chain_matches_diffusers_ddpm_pipeline(gray_pipeline):
@@ -18,6 +22,39 @@ def test_full_chain_matches_diffusers_ddpm_pipeline(gray_pipeline):
     assert images.shape == expected.shape == (2, 16, 16, 1)
     assert abs(images - expected).max() < 2e-3
     assert abs(images - expected).mean() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "scheduler_class,num_train_timesteps,num_inference_steps",
+    [(DDPMScheduler, 50, None), (DDIMScheduler, 50, None), (DPMSolverMultistepScheduler, 1000, 10)],
+)
+def test_a_compatible_diffusers_scheduler_samples_as_in_ddpm_pipeline(
+    gray_pipeline, scheduler_class, num_train_timesteps, num_inference_steps
+):
+    # The usual diffusers swap, made from our scheduler's config; DDPMPipeline runs the same scheduler on the same
+    # UNet. A 50-step chain keeps the default call (num_inference_steps=None: the full chain) cheap; DPMSolver
+    # needs the full-length schedule to reach t = 0 (it gives NaN on a 50-step one, in DDPMPipeline too).
+    ours = FaceDiffScheduler(num_train_timesteps=num_train_timesteps)
+    assert scheduler_class in ours.compatibles
+    gray_pipeline.scheduler = scheduler_class.from_config(ours.config)
+    stock = DDPMPipeline(unet=gray_pipeline.unet, scheduler=scheduler_class.from_config(ours.config))
+    stock.set_progress_bar_config(disable=True)
+    gray_pipeline.set_progress_bar_config(disable=True)
+
+    generator = torch.Generator().manual_seed(5)
+    steps = num_inference_steps or num_train_timesteps
+    expected = stock(batch_size=2, generator=generator, num_inference_steps=steps, output_type="np").images
+    generator = torch.Generator().manual_seed(5)
+    images = gray_pipeline(
+        batch_size=2,
+        generator=generator,
+        num_inference_steps=num_inference_steps,
+        output_type="np",
+        memory_format=torch.contiguous_format,
+    ).images
+
+    assert len(gray_pipeline.scheduler.timesteps) == steps
+    assert np.isfinite(images).all() and abs(images - expected).max() < 1e-4
 
 
 def test_channels_last_gives_the_same_images(gray_pipeline, rgb_pipeline):

@@ -302,10 +302,30 @@ def test_bad_config_is_refused(kwargs, message):
         FaceDiffScheduler(**kwargs)
 
 
+def test_step_reads_a_positional_call_written_for_ddpm_scheduler():
+    # DDPMScheduler.step(model_output, timestep, sample, generator, return_dict): the same call here must draw the
+    # same noise from the generator and return the same tuple.
+    x, model_output = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)).unbind(0)
+    ours = FaceDiffScheduler().step(model_output, 500, x, torch.Generator().manual_seed(1), False)
+    stock = reference_ddpm().step(model_output, 500, x, torch.Generator().manual_seed(1), False)
+    assert isinstance(ours, tuple) and isinstance(stock, tuple)
+    torch.testing.assert_close(ours[0], stock[0], rtol=0, atol=1e-5)
+    noiseless = FaceDiffScheduler().step(model_output, 500, x, variance_noise=torch.zeros_like(x)).prev_sample
+    assert (ours[0] - noiseless).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("steps", [np.int64(10), torch.tensor(10), 10])
+def test_any_integer_type_sets_the_number_of_steps(steps):
+    scheduler = FaceDiffScheduler()
+    scheduler.set_timesteps(steps)
+    assert scheduler.timesteps.tolist() == np.linspace(T - 1, 0, 10).round().astype(int).tolist()
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
         ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 2.5}, r"integer between 1 and num_train_timesteps \(1000\), got 2.5"),
         ({"num_inference_steps": T + 1}, "num_inference_steps"),
         ({"timesteps": [10, 20, 5]}, "strictly decreasing"),
         ({"timesteps": [10, 10, 5]}, "strictly decreasing"),
