@@ -3,6 +3,7 @@
 With no arguments, trains the `small` preset on scikit-learn's bundled handwritten digits. `--help` lists the flags.
 """
 
+import math
 import sys
 
 from facediff.stop_signals import TrainingInterrupted
@@ -19,9 +20,11 @@ def main() -> int:
     except (ValueError, OSError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # A run resumed at its last step trains no step, so it has no loss of its own to report.
+    loss = f"final loss {result.final_loss:.4f}" if math.isfinite(result.final_loss) else "no step left to train"
     print(
-        f"Trained {result.global_step} steps in {result.wall_time_s / 60:.1f} min, final loss "
-        f"{result.final_loss:.4f}. Pipeline: {result.output_dir}  samples: {result.output_dir / 'sample_grid.png'}"
+        f"Trained {result.global_step} steps in {result.wall_time_s / 60:.1f} min, {loss}. "
+        f"Pipeline: {result.output_dir}  samples: {result.output_dir / 'sample_grid.png'}"
     )
     return 0
 

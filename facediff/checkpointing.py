@@ -42,13 +42,14 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLike) -> Path | None:
     """
-    The checkpoint `--resume_from_checkpoint` names: a folder, or "latest" (None when there is none yet).
+    The checkpoint `--resume_from_checkpoint` names: a folder, or "latest" (None when there is none yet). A relative
+    name that is no folder here is looked for in `output_dir`, so `checkpoint-400` names the run's own.
 
     Args:
         resume_from_checkpoint (`str`):
             A checkpoint folder, or "latest".
         output_dir (`str` or `os.PathLike`):
-            Where "latest" looks.
+            Where "latest" and relative names look.
 
     Returns:
         `Path` or `None`
@@ -57,10 +58,13 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLik
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
     path = Path(resume_from_checkpoint)
+    if not path.exists() and not path.is_absolute():
+        path = Path(output_dir) / path
     if not path.is_dir():
+        where = "" if Path(resume_from_checkpoint).is_absolute() else f" here or in --output_dir {output_dir}"
         raise ValueError(
-            f"--resume_from_checkpoint {resume_from_checkpoint} does not exist: pass a checkpoint-<step> folder "
-            "or 'latest'."
+            f"--resume_from_checkpoint {resume_from_checkpoint} does not exist{where}: pass a checkpoint-<step> "
+            "folder or 'latest'."
         )
     if not (path / STATE_FILE).is_file():
         raise ValueError(

@@ -2,6 +2,7 @@
 --reference DATA ...` scores its samples against reference images."""
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -12,14 +13,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
-from .model_card import EVAL_RESULTS_NAME, evaluation_table, model_digest, refresh_card_evaluation
-from .output_dir import write_json
+from .model_card import EVAL_RESULTS_NAME, evaluation_table, load_card, model_digest, refresh_card_evaluation
+from .output_dir import check_writable_file, write_json
 from .pipelines import FaceDiffPipeline, FaceDiffScheduler
 from .sample_grids import save_grid
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # "auto" leaves the choice to the pipeline: channels_last on a CPU, contiguous on a GPU (the faster on each).
 MEMORY_FORMATS = {"auto": None, "channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+# What `facediff sample` writes into --out: 00000.png, 00001.png, ... and grid.png.
+SAMPLE_FILE_NAME = re.compile(r"\d{5,}\.png|grid\.png")
 
 
 def sample(args: argparse.Namespace) -> Path:
@@ -29,14 +32,27 @@ def sample(args: argparse.Namespace) -> Path:
 
     Args:
         args (`argparse.Namespace`):
-            `model`, `num_images`, `steps`, `seed`, `batch_size`, `out`, and the sampler options that
-            `load_sampler` reads.
+            `model`, `num_images`, `steps`, `seed`, `batch_size`, `out`, `overwrite` (replace the samples that an
+            earlier run left in `out`), and the sampler options that `load_sampler` reads.
 
     Returns:
         `Path`: the grid.
     """
-    pipeline = load_sampler(args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pass a folder for the PNGs.")
+    earlier_samples = sorted(path for path in out.glob("*.png") if SAMPLE_FILE_NAME.fullmatch(path.name))
+    if earlier_samples and not args.overwrite:
+        # New images would mix with the old ones, and a shorter run would leave old ones beside a new grid.
+        names = ", ".join(path.name for path in earlier_samples[:2]) + (", ..." if len(earlier_samples) > 2 else "")
+        raise ValueError(
+            f"--out {out} already holds samples ({names}): choose a new or empty --out, or pass --overwrite to "
+            "replace them."
+        )
+    pipeline = load_sampler(args)
+    _check_steps(pipeline, [args.steps])
+    for path in earlier_samples:
+        path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     images = []
     batches = draw(pipeline, args.num_images, args.steps, args.seed, args.batch_size, "pil", args.memory_format)
@@ -63,22 +79,31 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     # Imported here: torchmetrics adds a second or more to start-up, which `facediff sample` need not pay.
     from .evaluation import MEMORISATION_PERCENTILE, SampleEvaluator, load_fid_inception, load_reference
 
-    model_folder = Path(args.model) if Path(args.model).is_dir() else None
-    if args.out is None and model_folder is None:
-        raise ValueError(f"{args.model} is not a local folder: pass --out FILE for the results.")
-    out = Path(args.out) if args.out is not None else model_folder / EVAL_RESULTS_NAME
-    inception = None if args.no_inception else load_fid_inception(args.inception_weights)
+    # Every check that needs no model comes first: an evaluation takes minutes, and its results must have a place.
     device = _device(args)
+    model_folder = _model_folder(args.model)
+    if args.out is None and model_folder is None:
+        raise ValueError(
+            f"{args.model} is not a local folder: pass the path of a saved pipeline, or --out FILE for the results "
+            "of a Hub model."
+        )
+    out = Path(args.out) if args.out is not None else model_folder / EVAL_RESULTS_NAME
+    check_writable_file(out, "--out")
+    writes_model_results = model_folder is not None and out.resolve() == (model_folder / EVAL_RESULTS_NAME).resolve()
+    card = model_folder / "README.md" if writes_model_results and (model_folder / "README.md").is_file() else None
+    if card is not None:
+        load_card(model_folder)  # a card that cannot be refreshed fails now, not after the evaluation
+    step_counts = list(dict.fromkeys(args.steps))  # a repeated count would be sampled again and reported twice
+    inception = None if args.no_inception else load_fid_inception(args.inception_weights)
     pipeline = load_sampler(args)
-    for steps in args.steps:  # fail now on a step count the schedule cannot take, not after the reference is read
-        pipeline.scheduler.set_timesteps(steps)
+    _check_steps(pipeline, step_counts)  # before the reference is read
     unet_config = pipeline.unet.config
     reference = load_reference(
         args.reference, unet_config.sample_size, unet_config.in_channels, args.max_reference, args.seed
     )
     evaluator = SampleEvaluator(reference, inception, args.batch_size, device, args.seed)
     rows = []
-    for steps in args.steps:
+    for steps in step_counts:
         start = time.perf_counter()
         batches = draw(pipeline, args.num_images, steps, args.seed, args.batch_size, "np", args.memory_format)
         # Quantised as the PNGs that `facediff sample` writes.
@@ -92,6 +117,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
         "model_digest": model_digest(model_folder) if model_folder is not None else None,
         "reference": args.reference,
         "reference_name": _dataset_name(args.reference),
+        # As load_reference reads it: a local folder when it exists, else a Hub dataset id.
+        "reference_dataset_id": None if Path(args.reference).exists() else args.reference,
         "num_reference": len(reference),
         "num_images": args.num_images,
         "seed": args.seed,
@@ -105,9 +132,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, results)
-    writes_model_results = model_folder is not None and out.resolve() == (model_folder / EVAL_RESULTS_NAME).resolve()
-    card = model_folder / "README.md" if model_folder is not None else None
-    refreshed = refresh_card_evaluation(model_folder) if writes_model_results and card.is_file() else None
+    refreshed = refresh_card_evaluation(model_folder) if card is not None else None
     return results, out, refreshed
 
 
@@ -123,9 +148,10 @@ def load_sampler(args: argparse.Namespace) -> FaceDiffPipeline:
     Returns:
         `FaceDiffPipeline`
     """
+    device = _device(args)  # a bad --device fails before the model is read
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype]).to(_device(args))
+    pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype]).to(device)
     scheduler_options = {"variance_type": args.variance_type, "eta": args.eta, "clip_sample": args.clip_sample}
     scheduler_options = {name: value for name, value in scheduler_options.items() if value is not None}
     if scheduler_options:
@@ -222,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampler.add_argument("--seed", type=int, default=0)
     sampler.add_argument("--batch-size", type=_positive, default=16)
     sampler.add_argument("--out", default="samples", help="folder for the PNGs and grid.png")
+    sampler.add_argument(
+        "--overwrite", action="store_true", help="replace the PNGs and grid.png that an earlier run left in --out"
+    )
 
     evaluator = commands.add_parser(
         "eval",
@@ -279,22 +308,71 @@ def _dataset_name(reference: str) -> str:
     return f"{path.parent.name}/{path.name}" if path.name in ("train", "test", "validation") else path.name
 
 
+def _model_folder(model: str) -> Path | None:
+    """The folder `model` names, or `None` for a Hub repo id; a path that is no folder is refused here, before the
+    other checks, with the words `FaceDiffPipeline.from_pretrained` uses for it."""
+    if Path(model).is_dir():
+        return Path(model)
+    if Path(model).is_absolute() or model.startswith(".") or model.count("/") > 1:
+        raise ValueError(
+            f"{model} is neither a folder nor a Hub repo id (user/name): pass a folder written by save_pretrained or "
+            "a repo id."
+        )
+    return None
+
+
+def _check_steps(pipeline: FaceDiffPipeline, step_counts: list[int | None]) -> None:
+    """Refuse a step count the schedule cannot take, before anything is drawn or written."""
+    num_train_timesteps = pipeline.scheduler.config.num_train_timesteps
+    for steps in step_counts:
+        if steps is not None and steps > num_train_timesteps:
+            raise ValueError(
+                f"--steps {steps} is more than the model's {num_train_timesteps} training steps: pass --steps "
+                f"{num_train_timesteps} or fewer, or leave it out for all of them."
+            )
+        pipeline.scheduler.set_timesteps(steps or num_train_timesteps)  # and anything else the scheduler refuses
+
+
 def _device(args: argparse.Namespace) -> str:
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """`--device`, checked: a device torch knows and this machine has; default: cuda when available, else cpu."""
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    fix = "pass --device cpu, or leave --device out to use cuda when available."
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {args.device} is not a device torch knows (cpu, cuda, cuda:1, mps, ...): {fix}"
+        ) from None
+    try:
+        torch.empty(0, device=device)  # reaches the device, as the pipeline will
+    except (RuntimeError, AssertionError) as error:  # a CPU-only torch asserts on cuda
+        # torch's first sentence says why (no driver, not compiled in); the rest can be a page of backend names.
+        lines = str(error).strip().splitlines()
+        reason = re.split(r"(?<=\.)\s", lines[0])[0].rstrip(".") if lines else type(error).__name__
+        raise ValueError(f"--device {args.device} is not available on this machine ({reason}): {fix}") from error
+    return args.device
 
 
 def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    """At least 1; argparse names the option."""
+    return _integer_at_least(text, 1)
 
 
 def _positive_pair(text: str) -> int:
     """At least 2: a covariance or a nearest other image needs two."""
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return _integer_at_least(text, 2)
+
+
+def _integer_at_least(text: str, minimum: int) -> int:
+    # ArgumentTypeError for every refusal: for any other error argparse names the type function (`_positive`).
+    message = f"{text!r} is not an integer of at least {minimum}"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(message) from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(message)
     return value
 
 

@@ -38,14 +38,15 @@ def load_raw_dataset(args: TrainingArguments) -> tuple[datasets.Dataset, str]:
         dataset = datasets.load_dataset(
             "imagefolder", data_dir=_checked_image_folder(args.train_data_dir), cache_dir=args.cache_dir
         )
-    elif args.dataset_name is not None and os.path.isdir(args.dataset_name):
+    elif args.dataset_name is not None and _is_saved_dataset(Path(args.dataset_name)):
         dataset = datasets.load_from_disk(args.dataset_name)
-    elif args.dataset_name is not None:
+    elif args.dataset_name is not None:  # a Hub id, or a folder load_dataset reads (a clone of a Hub dataset repo)
         dataset = datasets.load_dataset(args.dataset_name, cache_dir=args.cache_dir)
     else:
-        from .digits import digits_image_folder
+        from .digits import FOLDER_NAME, digits_image_folder
 
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(digits_image_folder()), cache_dir=args.cache_dir)
+        folder = digits_image_folder(Path(args.cache_dir) / FOLDER_NAME if args.cache_dir is not None else None)
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=args.cache_dir)
 
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
@@ -205,6 +206,13 @@ def _open(item: dict) -> Image.Image:
     return Image.open(item["path"])
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`, which only load_from_disk reads."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+    )
+
+
 def _image_column(dataset: datasets.Dataset, args: TrainingArguments) -> str:
     image_columns = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
     if args.image_column is not None:
@@ -213,6 +221,15 @@ def _image_column(dataset: datasets.Dataset, args: TrainingArguments) -> str:
                 f"--image_column {args.image_column!r} is not a column of {_source(args)}; "
                 f"its columns are {', '.join(dataset.column_names)}."
             )
+        feature = dataset.features[args.image_column]
+        # Images, or strings that cast_column reads as image file paths; anything else cannot become an image.
+        is_paths = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+        if not isinstance(feature, datasets.Image) and not is_paths:
+            found = f"its image columns are {', '.join(image_columns)}" if image_columns else "it has no image column"
+            raise ValueError(
+                f"--image_column {args.image_column!r} of {_source(args)} holds {_describe(feature)}, not images; "
+                f"{found}: pass one of them (or a column of image file paths)."
+            )
         return args.image_column
     if not image_columns:
         raise ValueError(
@@ -220,6 +237,14 @@ def _image_column(dataset: datasets.Dataset, args: TrainingArguments) -> str:
             "name the one holding images with --image_column."
         )
     return image_columns[0]
+
+
+def _describe(feature) -> str:
+    if isinstance(feature, datasets.Value):
+        return f"{feature.dtype} values"
+    if isinstance(feature, datasets.ClassLabel):
+        return "class labels"
+    return f"{type(feature).__name__} values"
 
 
 def _checked_image_folder(folder: str) -> str:

@@ -10,6 +10,8 @@ import numpy as np
 from datasets import config as datasets_config
 from PIL import Image
 
+FOLDER_NAME = "facediff-sklearn-digits"
+
 
 def digits_image_folder(root: str | os.PathLike | None = None) -> Path:
     """
@@ -17,14 +19,14 @@ def digits_image_folder(root: str | os.PathLike | None = None) -> Path:
 
     Args:
         root (`str` or `os.PathLike`, *optional*):
-            Where to write; default: `facediff-sklearn-digits` in the `datasets` cache.
+            Where to write; default: `FOLDER_NAME` in the `datasets` cache.
 
     Returns:
         `Path`: the folder.
     """
     from sklearn.datasets import load_digits
 
-    root = Path(root) if root is not None else Path(datasets_config.HF_DATASETS_CACHE) / "facediff-sklearn-digits"
+    root = Path(root) if root is not None else Path(datasets_config.HF_DATASETS_CACHE) / FOLDER_NAME
     if root.is_dir():
         return root
     digits = load_digits()

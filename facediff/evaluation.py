@@ -72,8 +72,10 @@ def load_fid_inception(weights_path: str | os.PathLike | None = None) -> FIDInce
     try:
         return FIDInceptionV3().load_fid_weights(torch.load(path, map_location="cpu", weights_only=True))
     except (RuntimeError, KeyError, AttributeError, EOFError, pickle.UnpicklingError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise ValueError(f"{path} is not the FID Inception weights ({first_line}): {how_to_provide}") from error
+        # Some carry no message at all (an empty file's EOFError): the type then says what went wrong.
+        lines = str(error).strip().splitlines()
+        problem = lines[0] if lines else type(error).__name__
+        raise ValueError(f"{path} is not the FID Inception weights ({problem}): {how_to_provide}") from error
 
 
 class PixelPCA(nn.Module):

@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .pipelines import FaceDiffScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +138,15 @@ def evaluation_facts(folder: str | os.PathLike) -> dict:
     if results.get("model_digest") != model_digest(folder):
         logger.warning("Leaving %s out of the model card: it evaluated other weights; run facediff eval again.", path)
         return {}
+    # The Hub reads `dataset.type` as a dataset id: a local folder's path there would name some other dataset.
+    dataset_id = results.get("reference_dataset_id", _legacy_reference_dataset_id(results))
     return {
         "evaluation_setup": _evaluation_setup(results),
         "evaluation_table": evaluation_table(results),
         "eval_results": [
             EvalResult(
                 task_type="unconditional-image-generation",
-                dataset_type=results["reference_name"],
+                dataset_type=dataset_id or "imagefolder",
                 dataset_name=results["reference_name"],
                 metric_type=metric_type,
                 metric_value=round(row[key], 6),
@@ -152,6 +157,37 @@ def evaluation_facts(folder: str | os.PathLike) -> dict:
             if key in row
         ],
     }
+
+
+def _legacy_reference_dataset_id(results: dict) -> str | None:
+    """The reference's Hub id in results written before `reference_dataset_id` was recorded: a Hub id was recorded
+    as its own name, a folder by its name (a guess that takes a folder named as it was passed for a Hub id)."""
+    return results["reference"] if results["reference_name"] == results["reference"] else None
+
+
+def load_card(folder: str | os.PathLike) -> ModelCard:
+    """
+    The folder's card (`README.md`).
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            A saved pipeline with a `README.md`.
+
+    Returns:
+        `huggingface_hub.ModelCard`
+
+    Raises:
+        `ValueError`: naming the card and the fix, when its YAML metadata does not parse.
+    """
+    path = Path(folder) / "README.md"
+    try:
+        return ModelCard.load(path)
+    except (yaml.YAMLError, ValueError) as error:
+        problem = " ".join(str(error).split())
+        raise ValueError(
+            f"{path} has metadata that does not parse ({problem}): fix the YAML between the --- lines at its top, "
+            "or pass --out FILE to leave the card alone."
+        ) from error
 
 
 def refresh_card_evaluation(folder: str | os.PathLike) -> Path:
@@ -166,7 +202,7 @@ def refresh_card_evaluation(folder: str | os.PathLike) -> Path:
     Returns:
         `Path`: the card.
     """
-    card = ModelCard.load(Path(folder) / "README.md")
+    card = load_card(folder)
     facts = evaluation_facts(folder)
     card.data.eval_results = facts.get("eval_results")
     card.data.model_name = card.data.model_name or Path(folder).resolve().name
@@ -202,8 +238,12 @@ def _evaluation_setup(results: dict) -> str:
 def _write_card(card: ModelCard, folder: str | os.PathLike) -> Path:
     path = Path(folder) / "README.md"
     partial = path.with_name(".README.md.partial")
-    partial.write_text(str(card), encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        partial.write_text(str(card), encoding="utf-8")
+        os.replace(partial, path)
+    except BaseException:  # as output_dir.write_json: nothing half-written stays
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -231,8 +271,10 @@ def model_facts(unet, scheduler, repo_id: str) -> dict:
     config = scheduler.config
     if config.beta_schedule == "linear":
         beta_description = f"betas linear from {config.beta_start:g} to {config.beta_end:g}"
-    else:
+    elif config.beta_schedule == "squaredcos_cap_v2":
         beta_description = "the cosine schedule of Nichol & Dhariwal (2021)"
+    else:  # a diffusers scheduler's other schedules
+        beta_description = f"the `{config.beta_schedule}` schedule from {config.beta_start:g} to {config.beta_end:g}"
     size = unet.config.sample_size
     return {
         "repo_id": repo_id,
@@ -246,11 +288,19 @@ def model_facts(unet, scheduler, repo_id: str) -> dict:
             "v_prediction": "the velocity v",
             "sample": "the clean image x_0",
         }[config.prediction_type],
-        "variance_description": {"fixed_large": "sqrt(beta_t)", "fixed_small": "the posterior's (beta-tilde)"}[
-            config.variance_type
-        ]
-        + (f", DDIM eta {config.eta:g}" if config.eta is not None else ""),
+        "sampler_description": _sampler_description(scheduler),
     }
+
+
+def _sampler_description(scheduler) -> str:
+    """How the pipeline samples: our scheduler's update and noise, or the diffusers scheduler swapped in."""
+    if not isinstance(scheduler, FaceDiffScheduler):
+        return f"diffusers' `{type(scheduler).__name__}`"
+    config = scheduler.config
+    if config.eta is not None:
+        return f"the DDIM update with eta {config.eta:g}"
+    noise = {"fixed_large": "sqrt(beta_t)", "fixed_small": "the posterior's (beta-tilde)"}[config.variance_type]
+    return f"the DDPM reverse update with noise scale {noise}"
 
 
 def training_card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time) -> dict:

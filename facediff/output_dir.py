@@ -6,9 +6,15 @@ import shutil
 from pathlib import Path
 
 from .checkpointing import checkpoint_training_args, list_checkpoints, resolve_checkpoint
-from .training_args import TrainingArguments
+from .training_args import TrainingArguments, default_resolution
 
 RUN_MARKERS = ("model_index.json", "training_args.json")
+# What a finished run writes besides its checkpoints and logs: --overwrite_output_dir removes it all, so that no file
+# of the old run is taken for the new one's (its training_args.json would make the new run's resume look foreign).
+RUN_OUTPUTS = (
+    *RUN_MARKERS, "unet", "scheduler", "pipeline_facediff.py", "scheduling_facediff.py", "README.md",
+    "sample_grid.png", "samples",
+)  # fmt: skip
 
 # A resume must not change what defines the run: what the model is, what it learns from and in which order, and how
 # it is optimised. Changing one would either mix two runs in one folder, or be silently ignored because the
@@ -37,36 +43,25 @@ RESUMABLE_SETTINGS = (
 )  # fmt: skip
 
 
-def check_output_dir(args: TrainingArguments, output_dir: Path, is_main_process: bool) -> None:
+def check_output_dir(args: TrainingArguments, output_dir: Path) -> None:
     """
-    Make sure `output_dir` can take this run before anything is written: it must be writable (or creatable), a
-    folder that holds another run is refused unless resuming or `--overwrite_output_dir` (which then clears that
-    run's checkpoints), and a resume is refused if it changes a setting that defines the run.
+    Make sure `output_dir` can take this run before anything is written: it must be writable (or creatable), and a
+    folder that holds another run is refused unless resuming or `--overwrite_output_dir` (see `clear_previous_run`;
+    a resume is checked by `refuse_a_different_run` once the settings in effect are known).
 
     Args:
         args (`TrainingArguments`):
             The run's settings.
         output_dir (`Path`):
             The folder.
-        is_main_process (`bool`):
-            Only the main process deletes anything.
     """
-    previous = [name for name in RUN_MARKERS if (output_dir / name).exists()]
-    previous += [path.name for path in list_checkpoints(output_dir)]
-    if previous and args.resume_from_checkpoint is None:
-        if not args.overwrite_output_dir:
-            raise ValueError(
-                f"--output_dir {output_dir} already holds a training run ({', '.join(previous[:4])}): resume it with "
-                "--resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite_output_dir."
-            )
-        if is_main_process:
-            for checkpoint in list_checkpoints(output_dir):
-                shutil.rmtree(checkpoint)
-    if args.resume_from_checkpoint is not None:
-        _refuse_a_different_run(args, output_dir)
-    existing = output_dir
-    while not existing.exists():
-        existing = existing.parent
+    previous = _previous_run(output_dir)
+    if previous and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
+        raise ValueError(
+            f"--output_dir {output_dir} already holds a training run ({', '.join(previous[:4])}): resume it with "
+            "--resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite_output_dir."
+        )
+    existing = _nearest_existing(output_dir)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(
             f"Cannot write to --output_dir {output_dir} ({existing} is not a writable folder): "
@@ -74,20 +69,93 @@ def check_output_dir(args: TrainingArguments, output_dir: Path, is_main_process:
         )
 
 
-def _refuse_a_different_run(args: TrainingArguments, output_dir: Path) -> None:
-    """Compare the run-defining settings with those saved in `output_dir/training_args.json` (by a run that
-    finished) and in the checkpoint to resume."""
+def check_writable_file(path: Path, option: str) -> None:
+    """
+    Make sure a file can be written at `path` before the work whose result it holds starts: it must not be a folder,
+    and the folder it goes into must exist and be writable, or be creatable.
+
+    Args:
+        path (`Path`):
+            The file.
+        option (`str`):
+            The command-line option that named it, for the message (`--out`).
+    """
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder: pass a file path, such as {path / 'results.json'}.")
+    existing = _nearest_existing(path.parent)
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"Cannot write {option} {path} ({existing} is not a writable folder): choose a path in a writable folder."
+        )
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists: the folder that a write there would create folders in."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def clear_previous_run(args: TrainingArguments, output_dir: Path) -> None:
+    """
+    With `--overwrite_output_dir` and no resume, delete what another run left in `output_dir` (checkpoints, the
+    pipeline, its card, samples, training_args.json and the log folder); call on the main process only, once the
+    data and the model are set up, so that a mistake in them loses nothing.
+
+    Args:
+        args (`TrainingArguments`):
+            The run's settings.
+        output_dir (`Path`):
+            The folder.
+    """
+    if not args.overwrite_output_dir or args.resume_from_checkpoint is not None or not _previous_run(output_dir):
+        return
+    old = [*list_checkpoints(output_dir), *output_dir.glob(".*.partial"), *output_dir.glob(".facediff-*")]
+    old += [output_dir / name for name in RUN_OUTPUTS]  # and the leftovers of its interrupted saves, above
+    logs = (output_dir / args.logging_dir).resolve()
+    if logs.is_relative_to(output_dir.resolve()) and logs != output_dir.resolve():  # never a folder outside it
+        old.append(logs)
+    for path in old:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _previous_run(output_dir: Path) -> list[str]:
+    """What in `output_dir` shows that a run has trained there."""
+    previous = [name for name in RUN_MARKERS if (output_dir / name).exists()]
+    return previous + [path.name for path in list_checkpoints(output_dir)]
+
+
+def refuse_a_different_run(args: TrainingArguments, output_dir: Path, channels: int) -> None:
+    """
+    Before a resume, compare the run-defining settings in effect with those saved in `output_dir/training_args.json`
+    (by a run that finished) and in the checkpoint to resume.
+
+    Args:
+        args (`TrainingArguments`):
+            The run's settings, as given.
+        output_dir (`Path`):
+            The folder.
+        channels (`int`):
+            The channel count in effect: `--num_channels`, or the data's.
+    """
     saved_runs = []
     if (output_dir / "training_args.json").is_file():
         saved_runs.append((output_dir / "training_args.json", _read_json(output_dir / "training_args.json")))
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     if checkpoint is not None and (saved := checkpoint_training_args(checkpoint)) is not None:
         saved_runs.append((checkpoint, saved))
-    settings = args.to_dict()
+    settings = args.in_effect(channels).to_dict()
     for source, saved in saved_runs:
+        saved = _in_effect(saved, detected_channels=channels if args.num_channels is None else None)
         changed = [
             name for name in RUN_DEFINING_SETTINGS if name in saved and not _same(name, saved[name], settings[name])
         ]
+        if args.num_channels is None and set(changed) & {"dataset_name", "train_data_dir", "image_column"}:
+            # A channel count left to the data follows it: the change of data is the difference to report.
+            changed = [name for name in changed if name != "num_channels"]
         if changed:
             differences = ", ".join(f"--{name} {settings[name]} (saved: {saved[name]})" for name in changed)
             raise ValueError(
@@ -95,6 +163,16 @@ def _refuse_a_different_run(args: TrainingArguments, output_dir: Path) -> None:
                 f"({differences}): resume with the saved settings, or start a new run in another --output_dir "
                 "(or with --overwrite_output_dir and without --resume_from_checkpoint)."
             )
+
+
+def _in_effect(saved: dict, detected_channels: int | None) -> dict:
+    """Runs saved before the values in effect were kept have None for a resolution or channel count left to its
+    default: resolve them as that run did."""
+    if "resolution" in saved and saved["resolution"] is None:
+        saved = {**saved, "resolution": default_resolution(saved.get("dataset_name"), saved.get("train_data_dir"))}
+    if "num_channels" in saved and saved["num_channels"] is None and detected_channels is not None:
+        saved = {**saved, "num_channels": detected_channels}  # detected from the same data (compared too) as now
+    return saved
 
 
 def _same(name: str, saved, current) -> bool:
@@ -117,7 +195,11 @@ def _read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, content: dict) -> None:
-    """Write JSON atomically."""
+    """Write JSON atomically: the file is whole or untouched, and no partial file is left behind when writing fails."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        os.replace(partial, path)
+    except BaseException:  # a full disk, `path` a folder, Ctrl-C: nothing half-written stays
+        partial.unlink(missing_ok=True)
+        raise

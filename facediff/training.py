@@ -14,15 +14,22 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from huggingface_hub import HfApi
 from tqdm.auto import tqdm
 
 from . import checkpointing, data
 from .model_card import training_card_facts, write_model_card
-from .output_dir import check_output_dir, write_json
+from .output_dir import check_output_dir, clear_previous_run, refuse_a_different_run, write_json
 from .pipelines import FaceDiffPipeline, FaceDiffScheduler
 from .sample_grids import log_images, sample_images, save_grid
 from .stop_signals import StopRequest, TrainingInterrupted
@@ -63,13 +70,21 @@ def train(args: TrainingArguments) -> TrainingResult:
     """
     started = time.monotonic()
     output_dir = Path(args.output_dir)
+    _check_logger_installed(args)
     accelerator = _make_accelerator(args, output_dir)
-    check_output_dir(args, output_dir, is_main_process=accelerator.is_main_process)
+    check_output_dir(args, output_dir)
+    if args.push_to_hub and accelerator.is_main_process:
+        _create_hub_repo(args, output_dir)
     set_seed(args.seed, device_specific=True)
 
     with accelerator.main_process_first():
         raw_dataset, image_column = data.load_raw_dataset(args)
         channels = args.num_channels or data.detect_channels(raw_dataset, image_column)
+    if args.resume_from_checkpoint is not None:
+        refuse_a_different_run(args, output_dir, channels)
+    # Saved as such in checkpoints and training_args.json, so that a resume compares the values this run used.
+    args = args.in_effect(channels)
+    with accelerator.main_process_first():
         train_dataset = data.preprocess_images(raw_dataset, image_column, channels, args)
     if len(train_dataset) < args.train_batch_size:
         raise ValueError(
@@ -110,6 +125,7 @@ def train(args: TrainingArguments) -> TrainingResult:
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
     )
+    checkpoint = _checkpoint_to_resume(args, output_dir, max_train_steps)
     ema = None
     if args.use_ema:
         ema = EMAModel(
@@ -129,7 +145,11 @@ def train(args: TrainingArguments) -> TrainingResult:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    global_step = _resume(args, accelerator, output_dir)
+    # Only now, with the data and the model set up, is the old run deleted: a mistake in them loses nothing.
+    if accelerator.is_main_process:
+        clear_previous_run(args, output_dir)
+    accelerator.wait_for_everyone()
+    global_step = _resume(accelerator, checkpoint, ema)
     # An epoch's last optimizer step may accumulate fewer batches, so place the resume point by steps, not batches.
     first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
     batches_to_skip = steps_into_epoch * args.gradient_accumulation_steps
@@ -148,6 +168,8 @@ def train(args: TrainingArguments) -> TrainingResult:
     with StopRequest() as stop, progress:
         running_loss, window_start, window_images, skipped_in_a_row = None, time.monotonic(), 0, 0
         for epoch in range(first_epoch, num_epochs):
+            if global_step >= max_train_steps:  # also when resuming from a checkpoint at the last step
+                break
             dataloader.set_epoch(epoch)
             batches = dataloader
             if epoch == first_epoch and batches_to_skip:
@@ -209,8 +231,6 @@ def train(args: TrainingArguments) -> TrainingResult:
                     _stop_on_signal(args, accelerator, output_dir, global_step, stop.signum)
                 if global_step >= max_train_steps:
                     break
-            if global_step >= max_train_steps:
-                break
 
     accelerator.wait_for_everyone()
     wall_time = time.monotonic() - started
@@ -324,14 +344,32 @@ def _build_model(args: TrainingArguments, channels: int) -> UNet2DModel:
     return UNet2DModel.from_config(config)
 
 
-def _resume(args: TrainingArguments, accelerator: Accelerator, output_dir: Path) -> int:
+def _checkpoint_to_resume(args: TrainingArguments, output_dir: Path, max_train_steps: int) -> Path | None:
+    """The checkpoint to resume from, if any; one past this run's last step is refused, as nothing can undo steps."""
     if args.resume_from_checkpoint is None:
-        return 0
+        return None
     checkpoint = checkpointing.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     if checkpoint is None:
         logger.info(f"No checkpoint in {output_dir} yet: starting from step 0")
+        return None
+    step = checkpointing.checkpoint_step(checkpoint)
+    if step > max_train_steps:
+        raise ValueError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: {checkpoint.name} is at step {step}, past the "
+            f"{max_train_steps} step(s) this run trains for: raise --max_train_steps (or --num_epochs) to at least "
+            f"{step}, or resume from an earlier checkpoint."
+        )
+    return checkpoint
+
+
+def _resume(accelerator: Accelerator, checkpoint: Path | None, ema: EMAModel | None) -> int:
+    if checkpoint is None:
         return 0
     accelerator.load_state(str(checkpoint))
+    if ema is not None:
+        # load_state reads the EMA onto the CPU and EMAModel.load_state_dict keeps those tensors: back to the
+        # model's device, or the next EMA step would mix devices on a GPU.
+        ema.to(accelerator.device)
     step = checkpointing.checkpoint_step(checkpoint)
     logger.info(f"Resumed from {checkpoint} at step {step}")
     return step
@@ -382,13 +420,54 @@ def _save_final(
         facts = training_card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time)
         write_model_card({**facts, "sample_grid": grid.name}, output_dir)
     if args.push_to_hub:
-        repo_id = args.hub_model_id or output_dir.resolve().name
-        commit = pipeline.push_to_hub(repo_id, private=args.hub_private_repo, card_folder=output_dir)
+        repo_id = _hub_repo_id(args, output_dir)
+        try:
+            commit = pipeline.push_to_hub(repo_id, private=args.hub_private_repo, card_folder=output_dir)
+        except Exception as error:
+            raise OSError(
+                f"The trained pipeline is saved in {output_dir}, but pushing it to the Hub repo {repo_id} failed "
+                f"({_first_line(error)}): no need to train again, push the folder with "
+                f'FaceDiffPipeline.from_pretrained("{output_dir}").push_to_hub("{repo_id}").'
+            ) from error
         logger.info(f"Pushed the pipeline to {commit.repo_url} ({commit.commit_url})")
     logger.info(
         f"Saved the pipeline{' (EMA weights)' if ema is not None else ''}, its model card and sample grid "
         f"({grid}) in {output_dir}; logs in {output_dir / args.logging_dir}"
     )
+
+
+def _check_logger_installed(args: TrainingArguments) -> None:
+    """Accelerate only warns about a missing tracker and trains on without logs: refuse before training instead."""
+    is_available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[args.logger]
+    if not is_available():
+        other = "wandb" if args.logger == "tensorboard" else "tensorboard"
+        raise ValueError(
+            f"--logger {args.logger} needs the {args.logger} package, which is not installed: "
+            f"pip install {args.logger}, or log with --logger {other}."
+        )
+
+
+def _hub_repo_id(args: TrainingArguments, output_dir: Path) -> str:
+    return args.hub_model_id or output_dir.resolve().name
+
+
+def _create_hub_repo(args: TrainingArguments, output_dir: Path) -> None:
+    """Create the Hub repo before training, as diffusers' train_unconditional.py does, so that a missing login or
+    network stops the run now rather than after all of training."""
+    repo_id = _hub_repo_id(args, output_dir)
+    try:
+        HfApi().create_repo(repo_id, private=args.hub_private_repo, exist_ok=True)
+    except Exception as error:
+        raise ValueError(
+            f"--push_to_hub: cannot create the Hub repo {repo_id} ({_first_line(error)}): log in with `hf auth login` "
+            "(or set HF_TOKEN) and check the network and --hub_model_id, or train without --push_to_hub."
+        ) from error
+
+
+def _first_line(error: Exception) -> str:
+    """An error's message on one line: Hub errors append the server's reply on lines of their own."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _loggable(args: TrainingArguments) -> dict:

@@ -3,17 +3,23 @@
 Flag names follow diffusers' `examples/unconditional_image_generation/train_unconditional.py` where they overlap.
 """
 
+import inspect
 import json
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
 import yaml
+from diffusers import UNet2DModel
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
 from .unet_presets import UNET_PRESETS, unet_config
+
+# piecewise_constant needs step rules that no flag passes: it would fail once training starts.
+LR_SCHEDULES = tuple(schedule.value for schedule in SchedulerType if schedule != SchedulerType.PIECEWISE_CONSTANT)
+UNET_DEFAULT_DOWN_BLOCKS = inspect.signature(UNet2DModel.__init__).parameters["down_block_types"].default
 
 
 def _help(text: str, **kwargs):
@@ -24,14 +30,17 @@ def _help(text: str, **kwargs):
 class TrainingArguments:
     # Data
     dataset_name: str | None = _help(
-        "A Hub dataset id, or a folder written by `datasets.Dataset.save_to_disk`. With neither this nor "
-        "--train_data_dir, trains on scikit-learn's bundled handwritten digits.",
+        "A Hub dataset id, a folder written by `datasets.Dataset.save_to_disk`, or a folder `datasets.load_dataset` "
+        "reads (a clone of a Hub dataset repo). With neither this nor --train_data_dir, trains on scikit-learn's "
+        "bundled handwritten digits.",
         default=None,
     )
     train_data_dir: str | None = _help(
         "A folder of images, read recursively as a `datasets` image folder.", default=None
     )
-    image_column: str | None = _help("The image column; default: the dataset's first Image feature.", default=None)
+    image_column: str | None = _help(
+        "The image column (Image, or image file paths); default: the dataset's first Image feature.", default=None
+    )
     resolution: int | None = _help("Training resolution; default: 16 for the built-in digits, else 64.", default=None)
     center_crop: bool = _help("Center-crop to a square; default: a random crop, drawn once per image.", default=False)
     random_flip: bool = _help("Flip images horizontally at random, independently at every step.", default=False)
@@ -128,15 +137,16 @@ class TrainingArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
-        schedules = [schedule.value for schedule in SchedulerType]
-        if self.lr_scheduler not in schedules:
-            raise ValueError(f"--lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(schedules)}.")
+        if self.lr_scheduler not in LR_SCHEDULES:
+            raise ValueError(f"--lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULES)}.")
         config = self.model_config_name_or_path
         if config is not None and not (Path(config).is_file() or (Path(config) / "config.json").is_file()):
             raise ValueError(
                 f"--model_config_name_or_path {config} is neither a config.json nor a folder holding one: "
                 "pass a UNet2DModel config, or --model_preset instead."
             )
+        if config is not None:
+            _check_unet_config(config, self.effective_resolution)
         if self.num_inference_steps > self.ddpm_num_steps:
             raise ValueError(
                 f"--num_inference_steps ({self.num_inference_steps}) cannot exceed --ddpm_num_steps "
@@ -153,7 +163,7 @@ class TrainingArguments:
     def effective_resolution(self) -> int:
         if self.resolution is not None:
             return self.resolution
-        return 16 if self.uses_builtin_digits else 64
+        return default_resolution(self.dataset_name, self.train_data_dir)
 
     def total_train_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps this run trains for, given the steps in one epoch."""
@@ -163,13 +173,47 @@ class TrainingArguments:
             return 1200
         return (self.num_epochs or 100) * steps_per_epoch
 
+    def in_effect(self, channels: int) -> "TrainingArguments":
+        """These settings with the resolution and channel count resolved: what a run saves, so that resuming with
+        a default spelt out (or left out) is the same run."""
+        return replace(self, resolution=self.effective_resolution, num_channels=channels)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def default_resolution(dataset_name: str | None, train_data_dir: str | None) -> int:
+    """The resolution a run trains at without --resolution: 16 for the built-in digits, else 64."""
+    return 16 if dataset_name is None and train_data_dir is None else 64
+
+
+def _check_unet_config(path: str, resolution: int) -> None:
+    """Refuse a config that is not a UNet2DModel's, or whose downsampling does not divide the resolution, before
+    training rather than at the first forward pass."""
+    config = UNet2DModel.load_config(path)
+    class_name = config.get("_class_name")
+    class_name = class_name[-1] if isinstance(class_name, list) else class_name  # a pipeline's [module, class]
+    if class_name not in (None, "UNet2DModel") or "in_channels" not in config:
+        what = f"is a {class_name} config" if class_name not in (None, "UNet2DModel") else "has no in_channels"
+        raise ValueError(
+            f"--model_config_name_or_path {path} {what}, not a UNet2DModel config: pass a UNet2DModel config.json "
+            "or the folder holding one, such as a saved pipeline's unet/ folder."
+        )
+    down_blocks = config.get("down_block_types", UNET_DEFAULT_DOWN_BLOCKS)
+    downsampling = 2 ** (len(down_blocks) - 1)  # every down block but the last halves the image
+    if resolution % downsampling or resolution < downsampling:
+        lower = resolution - resolution % downsampling
+        sizes = " or ".join(str(size) for size in (lower, lower + downsampling) if size >= downsampling)
+        raise ValueError(
+            f"resolution {resolution} is not a multiple of {downsampling}, the downsampling of the UNet in "
+            f"--model_config_name_or_path {path} ({len(down_blocks)} down blocks): pass --resolution {sizes}."
+        )
+
+
 def parse_training_arguments(argv: list[str] | None = None) -> TrainingArguments:
     """
-    Read the training arguments from the command line, or from a single YAML or JSON file given as the only argument.
+    Read the training arguments from the command line, or from a YAML or JSON file given first, followed by any
+    flags, which override or extend the file's settings (`run.yaml --resume_from_checkpoint latest`).
 
     Args:
         argv (`list[str]`, *optional*):
@@ -179,11 +223,12 @@ def parse_training_arguments(argv: list[str] | None = None) -> TrainingArguments
         `TrainingArguments`
     """
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         # Through the flags, so that a file's values are converted and checked exactly as the command line's are
-        # (YAML reads 1e-4 as a string; a value outside a flag's choices is refused).
+        # (YAML reads 1e-4 as a string; a value outside a flag's choices is refused). The flags after the file come
+        # last, so they win: a stopped run resumes with the same command plus --resume_from_checkpoint latest.
         settings = _read_config_file(Path(argv[0]))
-        argv = [f"--{name}={value}" for name, value in settings.items() if value is not None]
+        argv = [f"--{name}={value}" for name, value in settings.items() if value is not None] + argv[1:]
     arguments, unknown = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )
@@ -201,6 +246,8 @@ def _read_config_file(path: Path) -> dict:
         raise ValueError(f"{path} is not valid {language} ({problem}): fix the file.") from error
     if not isinstance(settings, dict):
         raise ValueError(f"{path} must map setting names to values, one per line, e.g. `learning_rate: 0.0001`.")
+    if settings.get("mixed_precision") is False:
+        settings["mixed_precision"] = "no"  # YAML 1.1 reads an unquoted `no` as false
     unknown = sorted(set(settings) - {spec.name for spec in fields(TrainingArguments)})
     if unknown:
         raise ValueError(

@@ -5,9 +5,11 @@ import sys
 from importlib.metadata import entry_points
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from facediff import FaceDiffPipeline, FaceDiffScheduler, build_unet
 from facediff.cli import main
 
 
@@ -88,3 +90,95 @@ def test_bad_model_gives_one_line_and_exit_code_2(tmp_path):
 def test_installed_as_a_console_script():
     (script,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "facediff"]
     assert script.value == "facediff.cli:main"
+
+
+@pytest.fixture
+def ten_step_model(tmp_path):
+    """A saved pipeline trained for T=10 steps, so that --steps 20 is out of range."""
+    torch.manual_seed(0)
+    FaceDiffPipeline(
+        unet=build_unet("small", 16, 1), scheduler=FaceDiffScheduler(num_train_timesteps=10)
+    ).save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_sample_checks_steps_before_creating_the_folder(ten_step_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["sample", str(ten_step_model), "--steps", "20", "--num-images", "2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [  # one line: no progress bar was started either
+        "error: --steps 20 is more than the model's 10 training steps: pass --steps 10 or fewer, or leave it out for "
+        "all of them."
+    ]
+    assert not out.exists()
+
+
+def test_sample_refuses_a_folder_with_earlier_samples_unless_overwrite(gray_pipeline, tmp_path, capsys):
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    flags = ["sample", str(tmp_path / "model"), "--steps", "2", "--out", str(out)]
+    assert main([*flags, "--num-images", "3"]) == 0
+    (out / "notes.txt").write_text("mine")
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()}
+    capsys.readouterr()
+
+    assert main([*flags, "--num-images", "2", "--seed", "1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out {out} already holds samples (00000.png, 00001.png, ...): choose a new or empty --out, or pass "
+        "--overwrite to replace them."
+    ]
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()} == before
+
+    # --overwrite replaces the earlier run whole: no third image of it is left beside the new grid.
+    assert main([*flags, "--num-images", "2", "--seed", "1", "--overwrite"]) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["00000.png", "00001.png", "grid.png", "notes.txt"]
+    assert (out / "00000.png").read_bytes() != before["00000.png"][0]  # seed 1, not the earlier seed 0
+
+
+@pytest.mark.parametrize(
+    "device, reason",
+    [
+        ("gpu", "is not a device torch knows (cpu, cuda, cuda:1, mps, ...)"),
+        pytest.param(
+            "cuda",
+            "is not available on this machine",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),
+        ),
+        pytest.param(
+            "mps",
+            "is not available on this machine",
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is available here"),
+        ),
+    ],
+)
+def test_unusable_device_gives_one_line_before_anything_is_written(gray_pipeline, tmp_path, capsys, device, reason):
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    fix = "pass --device cpu, or leave --device out to use cuda when available."
+    sample = ["sample", str(tmp_path / "model"), "--num-images", "1", "--steps", "1", "--out", str(tmp_path / "out")]
+    assert main([*sample, "--device", device]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: --device {device} {reason}") and line.endswith(fix)
+    assert not (tmp_path / "out").exists()
+
+    evaluate = ["eval", str(tmp_path / "model"), "--reference", str(tmp_path / "model"), "--no-inception"]
+    assert main([*evaluate, "--device", device]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: --device {device} {reason}") and line.endswith(fix)
+    assert not (tmp_path / "model" / "eval_results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["sample", "model", "--steps", "abc"], "argument --steps: 'abc' is not an integer of at least 1"),
+        (["sample", "model", "--batch-size", "0"], "argument --batch-size: '0' is not an integer of at least 1"),
+        (
+            ["eval", "model", "--reference", "faces", "--num-images", "1"],
+            "argument --num-images: '1' is not an integer of at least 2",
+        ),
+    ],
+)
+def test_integer_options_are_refused_in_words(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"facediff {flags[0]}: error: {message}"

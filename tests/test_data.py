@@ -1,6 +1,7 @@
 """Image loading: every PIL mode converts correctly, channels follow the data, and bad data, flags and config files
 are refused up front, before anything is written."""
 
+import importlib.util
 import logging
 import re
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from accelerate.state import AcceleratorState
 from PIL import Image
 
-from facediff import build_unet, data
+from facediff import FaceDiffScheduler, build_unet, data
 from facediff.training import train
 from facediff.training_args import parse_training_arguments
 
@@ -169,6 +170,23 @@ def rgb_unet_config(tmp_path) -> Path:
     return tmp_path / "rgb-unet"
 
 
+def gray_unet_config(tmp_path) -> Path:
+    build_unet("small", 16, 1).save_config(tmp_path / "gray-unet")  # 3 down blocks: downsamples by 4
+    return tmp_path / "gray-unet"
+
+
+def scheduler_config(tmp_path) -> Path:
+    FaceDiffScheduler().save_config(tmp_path / "scheduler")
+    return tmp_path / "scheduler" / "scheduler_config.json"
+
+
+def faces_with_labels(tmp_path) -> Path:
+    faces = [Image.open(path).copy() for path in sorted(OLIVETTI.glob("*.png"))[:4]]
+    dataset = datasets.Dataset.from_dict({"label": [0, 1, 2, 3], "face": faces}).cast_column("face", datasets.Image())
+    dataset.save_to_disk(tmp_path / "labelled")
+    return tmp_path / "labelled"
+
+
 def checkpoint_without_state(tmp_path) -> Path:
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / "model.safetensors").write_bytes(b"half a checkpoint")
@@ -199,6 +217,11 @@ BAD_INPUTS = [
     (lambda tmp: ["--train_batch_size", "0"], r"--train_batch_size must be at least 1"),
     (lambda tmp: ["--learning_rate", "-1"], r"--learning_rate must be positive"),
     (lambda tmp: ["--lr_scheduler", "cosin"], r"--lr_scheduler 'cosin' is not one of linear, cosine,"),
+    # It needs step rules that no flag passes.
+    (
+        lambda tmp: ["--lr_scheduler", "piecewise_constant"],
+        r"--lr_scheduler 'piecewise_constant' is not one of linear, cosine, .*constant_with_warmup\.$",
+    ),
     (
         lambda tmp: ["--lerning_rate", "1e-4"],
         r"Unknown argument\(s\) --lerning_rate 1e-4: `train_accelerate.py --help` lists the flags",
@@ -210,6 +233,20 @@ BAD_INPUTS = [
     (
         lambda tmp: ["--train_data_dir", str(OLIVETTI), "--model_config_name_or_path", str(rgb_unet_config(tmp))],
         r"rgb-unet takes 3 channel\(s\) but the data has 1: pass --num_channels 3",
+    ),
+    (
+        lambda tmp: ["--model_config_name_or_path", str(gray_unet_config(tmp)), "--resolution", "15"],
+        r"resolution 15 is not a multiple of 4, the downsampling of the UNet in --model_config_name_or_path "
+        r".*gray-unet \(3 down blocks\): pass --resolution 12 or 16\.",
+    ),
+    (
+        lambda tmp: ["--model_config_name_or_path", str(scheduler_config(tmp))],
+        r"scheduler_config.json is a FaceDiffScheduler config, not a UNet2DModel config: .* a saved pipeline's unet/",
+    ),
+    (
+        lambda tmp: ["--dataset_name", str(faces_with_labels(tmp)), "--image_column", "label"],
+        r"--image_column 'label' of --dataset_name .*labelled holds int64 values, not images; its image columns are "
+        r"face: pass one of them",
     ),
     (
         lambda tmp: ["--output_dir", str(file_not_folder(tmp) / "out")],
@@ -278,3 +315,40 @@ def test_the_command_line_prints_one_line_and_exits_non_zero(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: --train_data_dir")
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_a_dataset_folder_that_load_dataset_reads_is_used(tmp_path):
+    # A local clone of a Hub dataset repo: parquet files, not a save_to_disk folder.
+    faces = [Image.open(path).copy() for path in sorted(OLIVETTI.glob("*.png"))[:12]]
+    dataset = datasets.Dataset.from_dict({"face": faces}).cast_column("face", datasets.Image())
+    dataset.to_parquet(tmp_path / "faces-repo" / "data" / "train-00000-of-00001.parquet")
+    args = parse_training_arguments(["--dataset_name", str(tmp_path / "faces-repo"), "--resolution", "16"])
+    raw, column = data.load_raw_dataset(args)
+    assert column == "face" and len(raw) == 12
+    assert data.preprocess_images(raw, column, 1, args)[0][data.PIXELS].shape == (1, 16, 16)
+
+
+def test_image_column_takes_images_or_image_paths_only(tmp_path):
+    paths = [str(path) for path in sorted(OLIVETTI.glob("*.png"))[:4]]
+    datasets.Dataset.from_dict({"file": paths, "label": [0, 1, 2, 3]}).save_to_disk(tmp_path / "paths")
+    args = parse_training_arguments(["--dataset_name", str(tmp_path / "paths"), "--image_column", "file"])
+    raw, column = data.load_raw_dataset(args)
+    assert column == "file" and data.detect_channels(raw, column) == 1
+    args = parse_training_arguments(["--dataset_name", str(tmp_path / "paths"), "--image_column", "label"])
+    with pytest.raises(ValueError, match=r"'label' of .* holds int64 values, not images; it has no image column"):
+        data.load_raw_dataset(args)
+
+
+def test_cache_dir_holds_the_builtin_digits(tmp_path):
+    args = parse_training_arguments(["--cache_dir", str(tmp_path / "cache"), "--max_train_samples", "4"])
+    raw, column = data.load_raw_dataset(args)
+    assert len(raw) == 4
+    assert len(list((tmp_path / "cache" / "facediff-sklearn-digits").rglob("*.png"))) == 1797
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_a_logger_that_is_not_installed_is_refused_before_anything_is_written(tmp_path):
+    before = folder_state(tmp_path)
+    with pytest.raises(ValueError, match=r"^--logger wandb needs the wandb package, which is not installed: pip ins"):
+        train(parse_training_arguments(train_flags(tmp_path, "--logger", "wandb")))
+    assert folder_state(tmp_path) == before

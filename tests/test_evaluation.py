@@ -4,16 +4,27 @@ a shifted set scores higher, exact copies are flagged as memorised."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
 from huggingface_hub import ModelCard
 from torch import nn
 
+from facediff import FaceDiffPipeline, FaceDiffScheduler, build_unet
 from facediff.cli import main
 from facediff.evaluation import SampleEvaluator, load_fid_inception, load_reference, memorisation_threshold
 from facediff.fid_inception import FIDInceptionV3
-from facediff.model_card import evaluation_facts, evaluation_table, refresh_card_evaluation, write_model_card
+from facediff.model_card import (
+    EVAL_RESULTS_NAME,
+    evaluation_facts,
+    evaluation_table,
+    model_digest,
+    pipeline_model_card,
+    refresh_card_evaluation,
+    write_model_card,
+)
+from facediff.output_dir import write_json
 
 from .conftest import OLIVETTI
 
@@ -156,6 +167,10 @@ def test_eval_writes_a_table_json_and_the_card_model_index(gray_pipeline, random
         ("memorised-share", "memorised share (2 steps, 2 samples)"),
     ]
     assert len(metrics) == 10
+    # A local --reference is no Hub dataset: the Hub would read its path as a dataset id.
+    assert {(result.dataset_type, result.dataset_name) for result in card.data.eval_results} == {
+        ("imagefolder", "olivetti-faces/train")
+    }
     assert card.text.count("## Evaluation") == 1 and "## Usage\n\nDraw faces." in card.text
     assert "| steps | FID | KID | pixel-PCA FD | pixel-PCA KID | memorised |" in card.text
     # A card rendered from the template, as training writes it, picks the results up too.
@@ -186,6 +201,16 @@ def test_missing_inception_weights_say_how_to_provide_them(gray_pipeline, tmp_pa
     assert line.startswith(f"error: --inception-weights {tmp_path / 'missing.pth'} is not a file: download ")
 
 
+def test_empty_inception_weights_file_gives_one_line(gray_pipeline, tmp_path, capsys):
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    (tmp_path / "empty.pth").write_bytes(b"")  # torch.load's EOFError carries no message
+    flags = ["eval", str(tmp_path / "model"), "--reference", str(OLIVETTI)]
+    assert main([*flags, "--inception-weights", str(tmp_path / "empty.pth")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {tmp_path / 'empty.pth'} is not the FID Inception weights (EOFError): download ")
+    assert not (tmp_path / "model" / EVAL_RESULTS_NAME).exists()
+
+
 def test_eval_input_errors_are_one_line(gray_pipeline, tmp_path, capsys):
     gray_pipeline.save_pretrained(tmp_path / "model")
     assert main(["eval", str(tmp_path / "model"), "--reference", str(tmp_path / "nowhere"), "--no-inception"]) == 2
@@ -200,5 +225,110 @@ def test_eval_input_errors_are_one_line(gray_pipeline, tmp_path, capsys):
     ]
     assert main(["eval", "user/model", "--reference", str(OLIVETTI), "--no-inception"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "error: user/model is not a local folder: pass --out FILE for the results."
+        "error: user/model is not a local folder: pass the path of a saved pipeline, or --out FILE for the results "
+        "of a Hub model."
     ]
+    # A mistyped folder is named as such, not taken for a Hub model whose results need --out.
+    assert main(["eval", str(tmp_path / "modle"), "--reference", str(OLIVETTI), "--no-inception"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'modle'} is neither a folder nor a Hub repo id (user/name): pass a folder written by "
+        "save_pretrained or a repo id."
+    ]
+    assert (
+        main(["eval", str(tmp_path / "model"), "--reference", str(OLIVETTI), "--no-inception", "--steps", "2000"]) == 2
+    )
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --steps 2000 is more than the model's 1000 training steps: pass --steps 1000 or fewer, or leave it "
+        "out for all of them."
+    ]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "model"]  # nothing written
+    assert not (tmp_path / "model" / EVAL_RESULTS_NAME).exists()
+
+
+def test_eval_checks_the_card_before_sampling(gray_pipeline, tmp_path, capsys):
+    model = tmp_path / "model"
+    gray_pipeline.save_pretrained(model)
+    (model / "README.md").write_text("---\nlicense: [mit\ntags: x\n---\n\n# model\n")
+    before = sorted(path.name for path in model.iterdir())
+    flags = ["--reference", str(OLIVETTI), "--num-images", "2", "--steps", "2", "--max-reference", "4"]
+    assert main(["eval", str(model), *flags, "--no-inception"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()  # one line: no progress bar was started
+    assert line.startswith(f"error: {model / 'README.md'} has metadata that does not parse (while parsing a flow ")
+    assert line.endswith("fix the YAML between the --- lines at its top, or pass --out FILE to leave the card alone.")
+    assert sorted(path.name for path in model.iterdir()) == before  # no results, no partial file
+
+
+def test_eval_checks_out_before_sampling(gray_pipeline, tmp_path, capsys):
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "a_file").write_text("")
+    flags = ["eval", str(tmp_path / "model"), "--reference", str(OLIVETTI), "--no-inception", "--steps", "2"]
+    assert main([*flags, "--out", str(tmp_path / "results")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out {tmp_path / 'results'} is a folder: pass a file path, such as "
+        f"{tmp_path / 'results' / 'results.json'}."
+    ]
+    assert main([*flags, "--out", str(tmp_path / "a_file" / "results.json")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: Cannot write --out {tmp_path / 'a_file' / 'results.json'} ({tmp_path / 'a_file'} is not a writable "
+        "folder): choose a path in a writable folder."
+    ]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "model", "results"]
+    assert not any((tmp_path / "results").iterdir())
+
+
+def test_write_json_leaves_no_partial_file_when_it_fails(tmp_path):
+    (tmp_path / "results").mkdir()
+    with pytest.raises(OSError):
+        write_json(tmp_path / "results", {"rows": []})  # the final rename onto a folder fails
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["results"]
+
+
+def test_eval_samples_a_repeated_step_count_once(gray_pipeline, tmp_path, capsys):
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    flags = ["--reference", str(OLIVETTI), "--num-images", "2", "--max-reference", "4", "--no-inception"]
+    assert main(["eval", str(tmp_path / "model"), *flags, "--steps", "2", "1", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in printed[2:-1]] == ["| 2", "| 1"]
+    results = json.loads((tmp_path / "model" / EVAL_RESULTS_NAME).read_text())
+    assert [row["steps"] for row in results["rows"]] == [2, 1]
+
+
+def test_card_names_a_hub_reference_by_its_id_and_a_local_one_as_imagefolder(gray_pipeline, tmp_path):
+    model = tmp_path / "model"
+    gray_pipeline.save_pretrained(model)
+    row = {"steps": 2, "pixel_pca_fd": 2.5, "pixel_pca_kid_mean": 0.1, "pixel_pca_kid_std": 0.2, "memorised_share": 0}
+    results = {
+        "model_digest": model_digest(model),
+        "num_images": 2,
+        "num_reference": 4,
+        "seed": 0,
+        "variance_type": "fixed_large",
+        "eta": None,
+        "pixel_pca_components": 3,
+        "memorisation_percentile": 1.0,
+        "rows": [row],
+    }
+
+    def dataset_of_card(**reference):
+        write_json(model / EVAL_RESULTS_NAME, results | reference)
+        return {(result.dataset_type, result.dataset_name) for result in evaluation_facts(model)["eval_results"]}
+
+    hub = {"reference": "user/faces", "reference_name": "user/faces"}
+    local = {"reference": "data/faces/train", "reference_name": "faces/train"}
+    assert dataset_of_card(**hub, reference_dataset_id="user/faces") == {("user/faces", "user/faces")}
+    assert dataset_of_card(**local, reference_dataset_id=None) == {("imagefolder", "faces/train")}
+    # Results written before reference_dataset_id was recorded: a Hub id was recorded as its own name.
+    assert dataset_of_card(**hub) == {("user/faces", "user/faces")}
+    assert dataset_of_card(**local) == {("imagefolder", "faces/train")}
+
+
+@pytest.mark.parametrize("num_train_timesteps, usage_steps", [(10, 10), (1000, 100)])
+def test_card_usage_asks_for_no_more_steps_than_the_model_has(num_train_timesteps, usage_steps):
+    torch.manual_seed(0)
+    scheduler = FaceDiffScheduler(num_train_timesteps=num_train_timesteps)
+    pipeline = FaceDiffPipeline(unet=build_unet("small", 16, 1), scheduler=scheduler)
+    card = str(pipeline_model_card(pipeline, "user/tiny"))
+    snippet_steps = [int(steps) for steps in re.findall(r"num_inference_steps=(\d+)", card)]
+    assert snippet_steps == [usage_steps, usage_steps]  # the facediff and the plain diffusers snippets
+    scheduler.set_timesteps(usage_steps)  # what the snippet asks for, the sampler takes

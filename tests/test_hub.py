@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from diffusers import DDIMScheduler
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 
-from facediff import FaceDiffPipeline
+import facediff.training as training
+from facediff import FaceDiffPipeline, model_card
 from facediff.training import train
 from facediff.training_args import parse_training_arguments
 
 from .conftest import OLIVETTI, lay_out_as_hub_cache
+from .test_training import folder_state
 
 TOKEN = "hf_thisIsNotARealTokenButMustNeverBeWritten"
 
@@ -23,6 +26,7 @@ def fake_hub(monkeypatch, tmp_path):
     hub = {"repos": [], "commits": [], "files": tmp_path / "hub-files"}
 
     def create_repo(self, repo_id, **kwargs):
+        repo_id = repo_id if "/" in repo_id else f"someone/{repo_id}"  # the Hub puts a bare name in your namespace
         hub["repos"].append((repo_id, kwargs.get("private"), self.token))
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
@@ -56,7 +60,7 @@ def test_training_pushes_exactly_the_pipeline_and_it_loads_back(tmp_path, fake_h
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
 
-    assert [repo[:2] for repo in fake_hub["repos"]] == [("someone/faces", True)]
+    assert [repo[:2] for repo in fake_hub["repos"]] == [("someone/faces", True)] * 2  # before training, at the push
     ((repo_id, message, files),) = fake_hub["commits"]
     assert repo_id == "someone/faces" and message == "Upload facediff pipeline"
     assert files == [
@@ -111,3 +115,111 @@ def test_a_loaded_pipeline_pushes_its_card_and_grid_and_a_new_one_a_rendered_car
     assert "16x16 grayscale" in card.text and "betas linear from 0.0001 to 0.02" in card.text
     assert "## Training" not in card.text and "not recorded" in card.text
     assert "{{" not in card.text and "None" not in card.text
+
+
+def test_a_pushed_card_names_the_repo_it_goes_to(gray_pipeline, tmp_path, fake_hub):
+    # A card written for a local folder ("trained") tells readers to load that folder: on the Hub it must name
+    # the repo, with the namespace the Hub adds to a bare name.
+    folder = tmp_path / "trained"
+    gray_pipeline.save_pretrained(folder)
+    model_card.pipeline_model_card(gray_pipeline, "trained").save(folder / "README.md")
+    assert 'FaceDiffPipeline.from_pretrained("trained")' in (folder / "README.md").read_text()
+
+    FaceDiffPipeline.from_pretrained(folder).push_to_hub("faces")
+    card = (fake_hub["files"] / "README.md").read_text()
+    assert 'FaceDiffPipeline.from_pretrained("someone/faces")' in card
+    assert 'DiffusionPipeline.from_pretrained("someone/faces", trust_remote_code=True)' in card
+    assert '"trained"' not in card
+    assert 'from_pretrained("trained")' in (folder / "README.md").read_text()  # the local card is left as it was
+
+
+def test_push_uploads_the_weights_as_saved_with_a_variant(gray_pipeline, tmp_path, fake_hub):
+    gray_pipeline.save_pretrained(tmp_path / "model", variant="fp16", push_to_hub=True, repo_id="someone/faces")
+    local = sorted(str(path.relative_to(tmp_path / "model")) for path in (tmp_path / "model" / "unet").rglob("*"))
+    ((_, _, pushed),) = fake_hub["commits"]
+    assert local == ["unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"]
+    assert [name for name in pushed if name.startswith("unet/")] == local
+    loaded = FaceDiffPipeline.from_pretrained("someone/faces", cache_dir=lay_out(fake_hub, tmp_path), variant="fp16")
+    assert type(loaded) is FaceDiffPipeline
+
+
+def test_a_swapped_in_scheduler_is_pushed_and_described_as_itself(gray_pipeline, fake_hub):
+    gray_pipeline.scheduler = DDIMScheduler.from_config(gray_pipeline.scheduler.config)
+    gray_pipeline.push_to_hub("someone/faces-ddim")
+    ((_, _, pushed),) = fake_hub["commits"]
+    assert "scheduler/scheduling_facediff.py" not in pushed
+    card = ModelCard.load(fake_hub["files"] / "README.md")
+    assert "sampling uses diffusers' `DDIMScheduler`" in card.text
+
+
+def lay_out(fake_hub, tmp_path):
+    lay_out_as_hub_cache(fake_hub["files"], tmp_path / "cache", "someone/faces")
+    return tmp_path / "cache"
+
+
+def hub_run(output, *flags) -> list[str]:
+    return ["--output_dir", str(output), "--train_data_dir", str(OLIVETTI), "--max_train_samples", "16",
+            "--resolution", "16", "--train_batch_size", "8", "--max_train_steps", "2", "--checkpointing_steps", "1",
+            "--eval_batch_size", "4", "--num_inference_steps", "2", "--push_to_hub", "--hub_model_id",
+            "someone/faces", *flags]  # fmt: skip
+
+
+def count_repos_at_each_step(monkeypatch, hub) -> list[int]:
+    """For each batch trained, how many repos had been created by then."""
+    repos_at_each_step = []
+    loss = training._diffusion_loss
+
+    def counting(*args):
+        repos_at_each_step.append(len(hub["repos"]))
+        return loss(*args)
+
+    monkeypatch.setattr(training, "_diffusion_loss", counting)
+    return repos_at_each_step
+
+
+def test_the_hub_repo_is_created_before_training(tmp_path, fake_hub, monkeypatch):
+    repos_at_each_step = count_repos_at_each_step(monkeypatch, fake_hub)
+    try:
+        train(parse_training_arguments(hub_run(tmp_path / "faces")))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert repos_at_each_step == [1, 1] and len(fake_hub["commits"]) == 1
+
+
+def test_a_hub_repo_that_cannot_be_created_stops_the_run_before_training(tmp_path, monkeypatch):
+    def create_repo(self, repo_id, **kwargs):
+        raise OSError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\nBad token.")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    repos_at_each_step = count_repos_at_each_step(monkeypatch, {"repos": []})
+    before = folder_state(tmp_path)
+    with pytest.raises(ValueError) as refused:
+        try:
+            train(parse_training_arguments(hub_run(tmp_path / "faces")))
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    assert str(refused.value) == (
+        "--push_to_hub: cannot create the Hub repo someone/faces (401 Client Error: Unauthorized for url: "
+        "https://huggingface.co/api/repos/create): log in with `hf auth login` (or set HF_TOKEN) and check the "
+        "network and --hub_model_id, or train without --push_to_hub."
+    )
+    assert repos_at_each_step == [] and folder_state(tmp_path) == before
+
+
+def test_a_failed_push_says_where_the_pipeline_is_and_how_to_push_it(tmp_path, fake_hub, monkeypatch):
+    def create_commit(self, repo_id, operations, **kwargs):
+        raise OSError("Connection reset by peer")
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    output = tmp_path / "faces"
+    with pytest.raises(OSError) as failed:
+        try:
+            train(parse_training_arguments(hub_run(output)))
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    assert str(failed.value) == (
+        f"The trained pipeline is saved in {output}, but pushing it to the Hub repo someone/faces failed (Connection "
+        f"reset by peer): no need to train again, push the folder with "
+        f'FaceDiffPipeline.from_pretrained("{output}").push_to_hub("someone/faces").'
+    )
+    assert FaceDiffPipeline.from_pretrained(output).unet.config.sample_size == 16

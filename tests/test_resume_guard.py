@@ -5,14 +5,17 @@ import json
 import shutil
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState
+from diffusers.training_utils import EMAModel
 
+import facediff.training as training
 from facediff.output_dir import RESUMABLE_SETTINGS, RUN_DEFINING_SETTINGS
 from facediff.training import train
 from facediff.training_args import TrainingArguments, parse_training_arguments
 
 from .conftest import OLIVETTI, UTKFACE
-from .test_training import folder_state, tiny_run
+from .test_training import folder_state, record_batches, tiny_run
 
 DATA = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--save_images_steps", "100",
         "--eval_batch_size", "1", "--num_inference_steps", "1"]  # fmt: skip
@@ -117,3 +120,72 @@ def test_settings_free_to_change_on_resume_are_accepted(run):
     )  # fmt: skip
     assert result.global_step == 5
     assert json.loads((run / "training_args.json").read_text())["max_train_steps"] == 5
+
+
+def test_a_resume_past_the_last_step_is_refused(run):
+    before = folder_state(run)
+    with pytest.raises(ValueError, match=r"checkpoint-2 is at step 2, past the 1 step\(s\) this run trains for: raise"):
+        resume(run, "--max_train_steps", "1")
+    assert folder_state(run) == before
+
+
+def test_a_resume_at_the_last_step_saves_without_training(tmp_path, monkeypatch):
+    # 24 images make 3 steps an epoch: checkpoint-2 is inside the first one.
+    flags = tiny_run(tmp_path / "run", *DATA, "--max_train_samples", "24", "--max_train_steps", "3")
+    train(parse_training_arguments(flags))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trained = record_batches(monkeypatch)
+    result = train(parse_training_arguments([*flags, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]))
+    assert result.global_step == 2 and trained == []
+
+
+def test_a_checkpoint_name_is_found_in_the_output_dir(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not where the run is
+    flags = tiny_run(run, *DATA, "--resume_from_checkpoint", "checkpoint-2")
+    assert train(parse_training_arguments(flags)).global_step == 4
+
+
+def test_defaults_spelt_out_or_left_out_are_the_same_run(tmp_path):
+    # The built-in digits: trained at 16 pixels and 1 channel without saying so.
+    output = tmp_path / "digits"
+    flags = ["--output_dir", str(output), "--max_train_samples", "16", "--train_batch_size", "8",
+             "--checkpointing_steps", "1", "--save_images_steps", "100", "--eval_batch_size", "1",
+             "--num_inference_steps", "1", "--lr_warmup_steps", "1"]  # fmt: skip
+    spelt_out = ["--resolution", "16", "--num_channels", "1"]
+    latest = ["--resume_from_checkpoint", "latest"]
+    train(parse_training_arguments([*flags, "--max_train_steps", "2"]))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert train(parse_training_arguments([*flags, *spelt_out, "--max_train_steps", "3", *latest])).global_step == 3
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert train(parse_training_arguments([*flags, "--max_train_steps", "4", *latest])).global_step == 4
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    # Runs saved before the values in effect were kept left the defaults as None.
+    for saved in (output / "training_args.json", output / "checkpoint-3" / "facediff_state.json"):
+        content = json.loads(saved.read_text())
+        (content.get("training_args") or content).update(resolution=None, num_channels=None)
+        saved.write_text(json.dumps(content))
+    assert train(parse_training_arguments([*flags, "--resolution", "16", "--max_train_steps", "5", *latest]))
+
+
+class EMAOffTheCPU(EMAModel):
+    """Stands in for an EMA moved to a GPU: `to` also makes it float64, which the CPU tensors that load_state
+    gives are not."""
+
+    made = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.made.append(self)
+
+    def to(self, device=None, dtype=None, non_blocking=False):
+        super().to(device=device, dtype=torch.float64, non_blocking=non_blocking)
+
+
+def test_a_resumed_ema_stays_on_the_model_device(run, monkeypatch):
+    monkeypatch.setattr(training, "EMAModel", EMAOffTheCPU)
+    monkeypatch.setattr(EMAOffTheCPU, "made", [])
+    trained = record_batches(monkeypatch)
+    assert resume(run, "--max_train_steps", "2").global_step == 2 and trained == []  # the EMA as resumed
+    (ema,) = EMAOffTheCPU.made
+    assert all(param.dtype == torch.float64 for param in ema.shadow_params)

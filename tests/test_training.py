@@ -301,3 +301,54 @@ def test_persistent_gradient_scaler_skips_stop_training(tmp_path, monkeypatch):
     first, last = (load_file(output / name / "model.safetensors") for name in ("checkpoint-10", "checkpoint-20"))
     assert all(torch.equal(first[name], last[name]) and torch.isfinite(last[name]).all() for name in first)
     assert not (output / "model_index.json").exists()
+
+
+def test_overwrite_output_dir_replaces_the_old_run_only_once_the_new_one_is_set_up(tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "3",
+             "--checkpointing_steps", "1", "--save_images_steps", "1"]  # fmt: skip
+    train(parse_training_arguments(tiny_run(output, *flags, "--seed", "1")))
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    # A mistake in the new run's data is found before the old run is touched.
+    old_logs = set((output / "logs").rglob("events.out.tfevents.*"))
+    before = folder_state(output)
+    typo = ["--train_data_dir", str(tmp_path / "missing"), "--overwrite_output_dir"]
+    with pytest.raises(ValueError, match="does not exist"):
+        train(parse_training_arguments(tiny_run(output, *flags, *typo)))
+    assert folder_state(output) == before
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    # The new run stops after its first checkpoint: nothing of the old run is left to make its resume look foreign.
+    save_checkpoint = training.checkpointing.save_checkpoint
+
+    def stop_after_first(*args, **kwargs):
+        save_checkpoint(*args, **kwargs)
+        raise Interrupted
+
+    monkeypatch.setattr(training.checkpointing, "save_checkpoint", stop_after_first)
+    with pytest.raises(Interrupted):
+        train(parse_training_arguments(tiny_run(output, *flags, "--overwrite_output_dir")))
+    assert sorted(path.name for path in output.iterdir()) == ["checkpoint-1", "logs"]
+    assert old_logs and not old_logs & set((output / "logs").rglob("events.out.tfevents.*"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(training.checkpointing, "save_checkpoint", save_checkpoint)
+    assert (
+        train(parse_training_arguments(tiny_run(output, *flags, "--resume_from_checkpoint", "latest"))).global_step == 3
+    )
+
+
+def test_flags_after_a_config_file_override_and_extend_it(tmp_path):
+    (tmp_path / "run.yaml").write_text("output_dir: out\nlearning_rate: 1e-3\nuse_ema: false\n")
+    # What every stop message suggests: the same command plus --resume_from_checkpoint latest.
+    resumed = parse_training_arguments([str(tmp_path / "run.yaml"), "--resume_from_checkpoint", "latest"])
+    overridden = parse_training_arguments([str(tmp_path / "run.yaml"), "--learning_rate", "2e-3", "--use_ema"])
+    assert resumed == parse_training_arguments(["--output_dir", "out", "--learning_rate", "1e-3", "--use_ema",
+                                                "false", "--resume_from_checkpoint", "latest"])  # fmt: skip
+    assert overridden.learning_rate == 2e-3 and overridden.use_ema is True and overridden.output_dir == "out"
+
+
+def test_yaml_no_is_the_mixed_precision_choice_no(tmp_path):
+    # YAML 1.1 reads an unquoted `no` as false.
+    (tmp_path / "run.yaml").write_text("output_dir: out\nmixed_precision: no\n")
+    assert parse_training_arguments([str(tmp_path / "run.yaml")]).mixed_precision == "no"
