@@ -109,14 +109,8 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
-    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "40", "--max_train_steps", "8",
-             "--random_flip", "--gradient_accumulation_steps", "2"]  # fmt: skip
-    straight_batches = record_batches(monkeypatch)
-    train(parse_training_arguments(tiny_run(tmp_path / "straight", *flags)))
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-    resumed_batches = record_batches(monkeypatch)
+def train_until_the_first_checkpoint(monkeypatch, flags: list[str]) -> None:
+    """Train, and stop as a killed run would, right after the first checkpoint is saved."""
     save_checkpoint = training.checkpointing.save_checkpoint
 
     def stop_after_first(*args, **kwargs):
@@ -125,9 +119,20 @@ def test_resume_is_exact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training.checkpointing, "save_checkpoint", stop_after_first)
     with pytest.raises(Interrupted):
-        train(parse_training_arguments(tiny_run(tmp_path / "resumed", *flags)))
+        train(parse_training_arguments(flags))
     AcceleratorState._reset_state(reset_partial_state=True)
     monkeypatch.setattr(training.checkpointing, "save_checkpoint", save_checkpoint)
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "40", "--max_train_steps", "8",
+             "--random_flip", "--gradient_accumulation_steps", "2"]  # fmt: skip
+    straight_batches = record_batches(monkeypatch)
+    train(parse_training_arguments(tiny_run(tmp_path / "straight", *flags)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    resumed_batches = record_batches(monkeypatch)
+    train_until_the_first_checkpoint(monkeypatch, tiny_run(tmp_path / "resumed", *flags))
     train(parse_training_arguments(tiny_run(tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")))
 
     # 5 batches an epoch make 3 steps (2 + 2 + 1 batches): 8 steps are 14 batches, the same in both runs.
@@ -320,19 +325,9 @@ def test_overwrite_output_dir_replaces_the_old_run_only_once_the_new_one_is_set_
     AcceleratorState._reset_state(reset_partial_state=True)
 
     # The new run stops after its first checkpoint: nothing of the old run is left to make its resume look foreign.
-    save_checkpoint = training.checkpointing.save_checkpoint
-
-    def stop_after_first(*args, **kwargs):
-        save_checkpoint(*args, **kwargs)
-        raise Interrupted
-
-    monkeypatch.setattr(training.checkpointing, "save_checkpoint", stop_after_first)
-    with pytest.raises(Interrupted):
-        train(parse_training_arguments(tiny_run(output, *flags, "--overwrite_output_dir")))
+    train_until_the_first_checkpoint(monkeypatch, tiny_run(output, *flags, "--overwrite_output_dir"))
     assert sorted(path.name for path in output.iterdir()) == ["checkpoint-1", "logs"]
     assert old_logs and not old_logs & set((output / "logs").rglob("events.out.tfevents.*"))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    monkeypatch.setattr(training.checkpointing, "save_checkpoint", save_checkpoint)
     assert (
         train(parse_training_arguments(tiny_run(output, *flags, "--resume_from_checkpoint", "latest"))).global_step == 3
     )
