@@ -98,10 +98,10 @@ class FaceDiffPipeline(DiffusionPipeline):
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         image = image.contiguous(memory_format=memory_format)
 
+        if num_inference_steps is None:  # the full chain, also for a diffusers scheduler swapped in
+            num_inference_steps = self.scheduler.config.num_train_timesteps
         # The scheduler reads each t as a number and the UNet takes it as a tensor on its device: keeping a copy
         # of the chain on each side spares a GPU a wait for the device (a read or a blocking copy) at every step.
-        if num_inference_steps is None:
-            num_inference_steps = self.scheduler.config.num_train_timesteps
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps_on_device = self.scheduler.timesteps.to(device)
         with _unet_layout(self.unet, memory_format):
