@@ -35,6 +35,9 @@ MEMORISATION_PERCENTILE = 1.0
 IDENTICAL_DISTANCE = 0.5 / 255
 KID_SUBSETS = 100
 KID_MAX_SUBSET_SIZE = 1000
+# Working-set bounds for the pixel-space passes, whose float64 copies grow with the image size.
+CHUNK_BYTES = 64 << 20
+RESIZE_BATCH_SIZE = 64
 
 
 def load_fid_inception(weights_path: str | os.PathLike | None = None) -> FIDInceptionV3:
@@ -181,7 +184,7 @@ def kernel_distance(
 
 
 def nearest_distances(
-    queries: torch.Tensor, keys: torch.Tensor, skip_identical: bool = False, chunk_size: int = 1024
+    queries: torch.Tensor, keys: torch.Tensor, skip_identical: bool = False, chunk_size: int | None = None
 ) -> torch.Tensor:
     """
     The L2 distance, in pixels scaled to [0, 1], from each uint8 query image to its nearest key image.
@@ -194,10 +197,13 @@ def nearest_distances(
         skip_identical (`bool`, defaults to `False`):
             Leave out keys identical to the query (the query itself, when `keys` is `queries`); `inf` when no key
             is left.
+        chunk_size (`int`, *optional*):
+            Images per block of the distance matrix; default: as many as fit in `CHUNK_BYTES` of float64 pixels.
 
     Returns:
         `torch.Tensor`: float64 (N,).
     """
+    chunk_size = chunk_size or max(1, CHUNK_BYTES // (queries[0].numel() * 8))
     nearest = torch.full((len(queries),), float("inf"), dtype=torch.float64)
     for start in range(0, len(queries), chunk_size):
         query = queries[start : start + chunk_size].flatten(1).double() / 255
@@ -368,9 +374,12 @@ class _Precomputed(nn.Module):
 
 
 def _resized_pixels(images: torch.Tensor, side: int) -> torch.Tensor:
-    pixels = images.double() / 255
-    pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-    return pixels.flatten(1)
+    # A batch at a time: a whole reference in float64 at full size would take gigabytes at 256 px.
+    resized = [
+        F.interpolate(batch.double() / 255, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        for batch in images.split(RESIZE_BATCH_SIZE)
+    ]
+    return torch.cat(resized).flatten(1)
 
 
 def _download_inception_weights(destination: Path) -> Path | None:

@@ -1,7 +1,8 @@
 """UNet2DModel presets for DDPM by resolution and channel count.
 
 `base` follows the DDPM paper's networks (Ho et al. 2020, appendix B): 128 base channels, two residual blocks per
-level, self-attention at 16x16, dropout 0.1; at 32x32 it is the 35.7M-parameter CIFAR-10 model. `small` keeps the
+level, self-attention at 16x16 (at the level nearest it where the resolution never halves to 16), dropout 0.1; at
+32x32 it is the 35.7M-parameter CIFAR-10 model. `small` keeps the
 layout at a quarter of the width, one block per level and attention only in the middle block, so it trains on a
 laptop CPU. The channel multipliers per resolution are those of DDPM (32, 256) and improved DDPM (64, 128).
 
@@ -92,7 +93,12 @@ def unet_config(preset: str = "small", resolution: int = 32, channels: int = 3) 
 
     spec = UNET_PRESETS[preset]
     feature_sizes = [resolution // 2**level for level in range(len(multipliers))]
-    with_attention = [size == spec.attention_resolution for size in feature_sizes]
+    # At the level nearest the preset's attention size: 16x16 itself at power-of-two resolutions, 12x12 at 24, 48
+    # or 96, which never reach 16x16.
+    attention_size = None
+    if spec.attention_resolution is not None:
+        attention_size = min(feature_sizes, key=lambda size: abs(size - spec.attention_resolution))
+    with_attention = [size == attention_size for size in feature_sizes]
     return {
         "sample_size": resolution,
         "in_channels": channels,

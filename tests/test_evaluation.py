@@ -10,10 +10,19 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from facediff import FaceDiffPipeline, FaceDiffScheduler, build_unet
 from facediff.cli import main
-from facediff.evaluation import SampleEvaluator, load_fid_inception, load_reference, memorisation_threshold
+from facediff.evaluation import (
+    CHUNK_BYTES,
+    PixelPCA,
+    SampleEvaluator,
+    load_fid_inception,
+    load_reference,
+    memorisation_threshold,
+    nearest_distances,
+)
 from facediff.fid_inception import FIDInceptionV3
 from facediff.model_card import (
     EVAL_RESULTS_NAME,
@@ -332,3 +341,33 @@ def test_card_usage_asks_for_no_more_steps_than_the_model_has(num_train_timestep
     snippet_steps = [int(steps) for steps in re.findall(r"num_inference_steps=(\d+)", card)]
     assert snippet_steps == [usage_steps, usage_steps]  # the facediff and the plain diffusers snippets
     scheduler.set_timesteps(usage_steps)  # what the snippet asks for, the sampler takes
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation makes: the working set of a pass over images."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.nbytes)
+        return output
+
+
+def test_pixel_passes_stay_bounded_at_256_pixels():
+    # 200 RGB images at 256 px are 39 MB of uint8 but 315 MB as float64: neither the memorisation distances nor the
+    # PCA fit may make the whole set in float64 at once (a 1,000-image reference would take gigabytes).
+    images = torch.randint(0, 256, (200, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    float64_bytes = images.numel() * 8
+    with LargestTensor() as distances_pass:
+        nearest = nearest_distances(images[:100], images, skip_identical=True)
+    with LargestTensor() as pca_pass:
+        PixelPCA.fit(images)
+    assert distances_pass.largest <= CHUNK_BYTES * 1.1 < float64_bytes / 4
+    assert pca_pass.largest < float64_bytes / 2
+    # Across chunks, each query still finds its nearest other image.
+    distances = torch.cdist(images[:3].flatten(1).double() / 255, images.flatten(1).double() / 255)
+    distances[torch.arange(3), torch.arange(3)] = math.inf
+    torch.testing.assert_close(nearest[:3], distances.min(dim=1).values, rtol=1e-9, atol=0)

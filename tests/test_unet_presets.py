@@ -65,3 +65,14 @@ def test_small_preset_maps_images_to_same_shape(resolution, channels):
 def test_bad_preset_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         unet_config(**kwargs)
+
+
+@pytest.mark.parametrize("resolution", [16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256])
+def test_base_has_self_attention_at_the_level_nearest_16x16(resolution):
+    # Resolutions that never halve to 16 (24, 48, 96, ...) still get the preset's attention level, not none.
+    config = unet_config("base", resolution, 3)
+    down_blocks = config["down_block_types"]
+    sizes = [resolution // 2**level for level in range(len(down_blocks))]
+    with_attention = [size for size, block in zip(sizes, down_blocks, strict=True) if block == "AttnDownBlock2D"]
+    assert with_attention == [min(sizes, key=lambda size: abs(size - 16))]
+    assert config["up_block_types"] == tuple(block.replace("Down", "Up") for block in reversed(down_blocks))
