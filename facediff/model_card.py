@@ -33,11 +33,15 @@ EVAL_METRICS = (
 
 
 def template_path() -> Path:
-    """`model_card.md` beside the package (a source checkout) or under `<prefix>/share/facediff` (a wheel)."""
-    for candidate in (
-        Path(__file__).resolve().parent.parent / TEMPLATE_NAME,
-        Path(sys.prefix) / "share" / "facediff" / TEMPLATE_NAME,
-    ):
+    """
+    `model_card.md` beside the package (a source checkout), or where a wheel's data files went:
+    `<prefix>/share/facediff` of the prefix the package was installed under (a venv, `pip install --user`,
+    `--prefix`), found by walking up from `<prefix>/lib/pythonX.Y/site-packages/facediff`, or of `sys.prefix`.
+    """
+    package = Path(__file__).resolve().parent
+    candidates = [package.parent / TEMPLATE_NAME]
+    candidates += [prefix / "share" / "facediff" / TEMPLATE_NAME for prefix in (*package.parents, Path(sys.prefix))]
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"{TEMPLATE_NAME} was not found beside the facediff package: reinstall facediff.")

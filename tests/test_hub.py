@@ -1,6 +1,7 @@
 """Hub sharing, with the network calls intercepted at huggingface_hub's HfApi boundary."""
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -223,3 +224,20 @@ def test_a_failed_push_says_where_the_pipeline_is_and_how_to_push_it(tmp_path, f
         f'FaceDiffPipeline.from_pretrained("{output}").push_to_hub("someone/faces").'
     )
     assert FaceDiffPipeline.from_pretrained(output).unet.config.sample_size == 16
+
+
+@pytest.mark.parametrize("prefix", ["venv", "userbase", "custom-prefix"])
+def test_the_card_template_is_found_where_pip_puts_a_wheels_data_files(tmp_path, monkeypatch, prefix):
+    # A wheel installs model_card.md as a data file under <prefix>/share/facediff, and the package under
+    # <prefix>/lib/pythonX.Y/site-packages: for --user and --prefix installs that prefix is not sys.prefix.
+    package = tmp_path / prefix / "lib" / "python3.11" / "site-packages" / "facediff"
+    package.mkdir(parents=True)
+    template = tmp_path / prefix / "share" / "facediff" / "model_card.md"
+    template.parent.mkdir(parents=True)
+    template.write_text("template")
+    monkeypatch.setattr(model_card, "__file__", str(package / "model_card.py"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "elsewhere"))
+    assert model_card.template_path() == template.resolve()
+    template.unlink()
+    with pytest.raises(FileNotFoundError, match="model_card.md was not found beside the facediff package"):
+        model_card.template_path()
