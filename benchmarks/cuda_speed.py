@@ -20,6 +20,7 @@ give the median and the spread (min to max), images/s, the UNet's achieved TFLOP
 
 import argparse
 import copy
+import math
 import statistics
 import time
 
@@ -147,7 +148,7 @@ def training_variants(unet, dtype: torch.dtype, batch_size: int, device: torch.d
 def time_alternating(variants: dict, run, rounds: int, device: torch.device) -> tuple[dict, dict]:
     """Seconds per run of each variant over `rounds` alternating rounds, and each variant's peak memory."""
     seconds = {name: [] for name in variants}
-    peaks = dict.fromkeys(variants, 0.0)
+    peaks = dict.fromkeys(variants, 0.0 if device.type == "cuda" else math.nan)  # no peak to read on a CPU
     for _ in range(rounds):
         for name, variant in variants.items():
             reset_peak_memory(device)
@@ -167,10 +168,11 @@ def print_table(title: str, seconds: dict, peaks: dict, per_run: int, images_per
     stock = statistics.median(next(iter(seconds.values())))
     for name, timings in seconds.items():
         median = statistics.median(timings)
+        peak = f"{peaks[name]:.0f} MB" if math.isfinite(peaks[name]) else "n/a"  # measured on CUDA only
         print(
             f"| {name} | {1000 * median / per_run:.2f} | {1000 * min(timings) / per_run:.2f}-"
             f"{1000 * max(timings) / per_run:.2f} | {images_per_run / median:.0f} | "
-            f"{gflop_per_unit * per_run / median / 1000:.1f} | {peaks[name]:.0f} MB | {stock / median:.2f}x |"
+            f"{gflop_per_unit * per_run / median / 1000:.1f} | {peak} | {stock / median:.2f}x |"
         )
 
 

@@ -10,6 +10,7 @@ step of the `small` preset at the same resolution, for scale.
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -24,8 +25,15 @@ def main():
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="facediff-bench-")  # a cold cache
+    cache = tempfile.mkdtemp(prefix="facediff-bench-")
+    os.environ["HF_DATASETS_CACHE"] = cache  # a cold cache, removed afterwards (UTKFace's takes about 100 MB)
+    try:
+        measure(args)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
+
+def measure(args: argparse.Namespace):
     import numpy as np
     import torch
     from PIL import Image
@@ -49,9 +57,9 @@ def main():
 
     started = time.perf_counter()
     processed = data.preprocess_images(raw, column, 3, training_args)
-    rows.append(
-        (f"facediff preprocessing, once ({os.cpu_count()} processes)", len(raw) / (time.perf_counter() - started))
-    )
+    processes = data.preprocessing_processes(training_args, len(raw)) or 1
+    label = f"facediff preprocessing, once ({processes} process{'es' if processes > 1 else ''})"
+    rows.append((label, len(raw) / (time.perf_counter() - started)))
 
     loader = torch.utils.data.DataLoader(processed, batch_size=args.batch_size, shuffle=True, drop_last=True)
     started, seen = time.perf_counter(), 0

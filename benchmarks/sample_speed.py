@@ -127,7 +127,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="timed runs per variant, alternating")
     parser.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's default")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
-    parser.add_argument("--check-images", type=int, default=2, help="images for the full-chain identity check")
+    parser.add_argument(
+        "--check-images",
+        type=int,
+        default=2,
+        help="images for the full-chain identity check (after the table; 0: skip)",
+    )
     parser.add_argument(
         "--keep-freed-memory", action="store_true", help="reuse freed memory in this process (facediff.allocator)"
     )
@@ -157,10 +162,6 @@ def main():
     ceiling = matmul_gflops()
     convolution_share, convolution_rate = convolution_profile(unet, args.batch_size)
 
-    stock_images = variants["diffusers DDPMPipeline"](args.check_images, 1000, 0)
-    facediff_images = variants["facediff (default: channels_last)"](args.check_images, 1000, 0)
-    largest_difference = (stock_images - facediff_images).abs().max().item()
-
     print(
         f"preset {args.preset}, {args.resolution}px, {args.channels} channel(s), batch {args.batch_size}, "
         f"{args.steps} steps per run, {torch.get_num_threads()} threads, torch {torch.__version__}; "
@@ -182,10 +183,14 @@ def main():
     )
     if compile_seconds is not None:
         print(f"torch.compile: first call took {compile_seconds:.0f} s")
-    print(
-        f"Full chain of 1000 steps, {args.check_images} images, same generator: largest pixel difference between "
-        f"DDPMPipeline and FaceDiffPipeline = {largest_difference:.2e} (pixel range 0-1)"
-    )
+    if args.check_images > 0:  # last, once the table is out: two full chains of 1000 steps take a while
+        stock_images = variants["diffusers DDPMPipeline"](args.check_images, 1000, 0)
+        facediff_images = variants["facediff (default: channels_last)"](args.check_images, 1000, 0)
+        largest_difference = (stock_images - facediff_images).abs().max().item()
+        print(
+            f"Full chain of 1000 steps, {args.check_images} images, same generator: largest pixel difference between "
+            f"DDPMPipeline and FaceDiffPipeline = {largest_difference:.2e} (pixel range 0-1)"
+        )
 
 
 if __name__ == "__main__":

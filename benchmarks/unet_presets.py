@@ -3,10 +3,13 @@
 python benchmarks/unet_presets.py
 """
 
+import argparse
+
 from facediff.unet_presets import PRESET_TABLE, build_unet, forward_gflops
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print("| preset | resolution | channels | parameters | forward GFLOPs |")
     print("|--------|-----------:|---------:|-----------:|---------------:|")
     for preset, resolution, channels in PRESET_TABLE:

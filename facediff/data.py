@@ -105,14 +105,13 @@ def preprocess_images(
             "error": datasets.Value("string"),
         }
     )
-    num_proc = args.preprocessing_num_workers or min(4, os.cpu_count() or 1)
     processed = dataset.map(
         _preprocess_batch,
         batched=True,
         with_indices=True,
         remove_columns=dataset.column_names,
         features=features,
-        num_proc=num_proc if len(dataset) >= 1000 else None,
+        num_proc=preprocessing_processes(args, len(dataset)),
         fn_kwargs={
             "image_column": image_column,
             "channels": channels,
@@ -130,6 +129,25 @@ def preprocess_images(
         logger.warning("Skipping %d of %d images that could not be read: %s", len(errors), len(processed), shown)
         processed = processed.filter(lambda error: not error, input_columns="error")
     return processed.remove_columns("error").with_format("torch")
+
+
+def preprocessing_processes(args: TrainingArguments, num_images: int) -> int | None:
+    """
+    The processes `preprocess_images` decodes in: `--preprocessing_num_workers`, else up to 4 (one per core), and
+    none of its own (`None`) below 1,000 images, where starting them costs more than they save.
+
+    Args:
+        args (`TrainingArguments`):
+            The run's settings.
+        num_images (`int`):
+            The dataset's size.
+
+    Returns:
+        `int` or `None`: `datasets.Dataset.map`'s `num_proc`.
+    """
+    if num_images < 1000:
+        return None
+    return args.preprocessing_num_workers or min(4, os.cpu_count() or 1)
 
 
 def to_pixels(image: Image.Image, channels: int, resolution: int, crop_offset: float | None = None) -> np.ndarray:
