@@ -16,6 +16,7 @@ from .allocator import keep_freed_memory
 from .model_card import EVAL_RESULTS_NAME, evaluation_table, load_card, model_digest, refresh_card_evaluation
 from .output_dir import check_writable_file, write_json
 from .pipelines import FaceDiffPipeline, FaceDiffScheduler
+from .pipelines.pipeline_facediff import check_location, first_line
 from .sample_grids import save_grid
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -309,16 +310,9 @@ def _dataset_name(reference: str) -> str:
 
 
 def _model_folder(model: str) -> Path | None:
-    """The folder `model` names, or `None` for a Hub repo id; a path that is no folder is refused here, before the
-    other checks, with the words `FaceDiffPipeline.from_pretrained` uses for it."""
-    if Path(model).is_dir():
-        return Path(model)
-    if Path(model).is_absolute() or model.startswith(".") or model.count("/") > 1:
-        raise ValueError(
-            f"{model} is neither a folder nor a Hub repo id (user/name): pass a folder written by save_pretrained or "
-            "a repo id."
-        )
-    return None
+    """The folder `model` names, or `None` for a Hub repo id; anything else is refused now, before the other checks."""
+    check_location(model)
+    return Path(model) if Path(model).is_dir() else None
 
 
 def _check_steps(pipeline: FaceDiffPipeline, step_counts: list[int | None]) -> None:
@@ -348,8 +342,7 @@ def _device(args: argparse.Namespace) -> str:
         torch.empty(0, device=device)  # reaches the device, as the pipeline will
     except (RuntimeError, AssertionError) as error:  # a CPU-only torch asserts on cuda
         # torch's first sentence says why (no driver, not compiled in); the rest can be a page of backend names.
-        lines = str(error).strip().splitlines()
-        reason = re.split(r"(?<=\.)\s", lines[0])[0].rstrip(".") if lines else type(error).__name__
+        reason = re.split(r"(?<=\.)\s", first_line(error))[0].rstrip(".")
         raise ValueError(f"--device {args.device} is not available on this machine ({reason}): {fix}") from error
     return args.device
 

@@ -19,6 +19,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from .data import PIXELS, load_raw_dataset, preprocess_images
 from .fid_inception import FIDInceptionV3
+from .pipelines.pipeline_facediff import first_line
 from .training_args import TrainingArguments
 
 # pytorch-fid's name first; torch-fidelity and torchmetrics cache their conversion of the same TensorFlow weights
@@ -75,10 +76,8 @@ def load_fid_inception(weights_path: str | os.PathLike | None = None) -> FIDInce
     try:
         return FIDInceptionV3().load_fid_weights(torch.load(path, map_location="cpu", weights_only=True))
     except (RuntimeError, KeyError, AttributeError, EOFError, pickle.UnpicklingError) as error:
-        # Some carry no message at all (an empty file's EOFError): the type then says what went wrong.
-        lines = str(error).strip().splitlines()
-        problem = lines[0] if lines else type(error).__name__
-        raise ValueError(f"{path} is not the FID Inception weights ({problem}): {how_to_provide}") from error
+        # first_line: some carry no message at all (an empty file's EOFError), and then the type says what went wrong.
+        raise ValueError(f"{path} is not the FID Inception weights ({first_line(error)}): {how_to_provide}") from error
 
 
 class PixelPCA(nn.Module):

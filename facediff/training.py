@@ -31,6 +31,7 @@ from . import checkpointing, data
 from .model_card import training_card_facts, write_model_card
 from .output_dir import check_output_dir, clear_previous_run, refuse_a_different_run, write_json
 from .pipelines import FaceDiffPipeline, FaceDiffScheduler
+from .pipelines.pipeline_facediff import first_line
 from .sample_grids import log_images, sample_images, save_grid
 from .stop_signals import StopRequest, TrainingInterrupted
 from .training_args import TrainingArguments
@@ -426,7 +427,7 @@ def _save_final(
         except Exception as error:
             raise OSError(
                 f"The trained pipeline is saved in {output_dir}, but pushing it to the Hub repo {repo_id} failed "
-                f"({_first_line(error)}): no need to train again, push the folder with "
+                f"({first_line(error)}): no need to train again, push the folder with "
                 f'FaceDiffPipeline.from_pretrained("{output_dir}").push_to_hub("{repo_id}").'
             ) from error
         logger.info(f"Pushed the pipeline to {commit.repo_url} ({commit.commit_url})")
@@ -459,15 +460,9 @@ def _create_hub_repo(args: TrainingArguments, output_dir: Path) -> None:
         HfApi().create_repo(repo_id, private=args.hub_private_repo, exist_ok=True)
     except Exception as error:
         raise ValueError(
-            f"--push_to_hub: cannot create the Hub repo {repo_id} ({_first_line(error)}): log in with `hf auth login` "
+            f"--push_to_hub: cannot create the Hub repo {repo_id} ({first_line(error)}): log in with `hf auth login` "
             "(or set HF_TOKEN) and check the network and --hub_model_id, or train without --push_to_hub."
         ) from error
-
-
-def _first_line(error: Exception) -> str:
-    """An error's message on one line: Hub errors append the server's reply on lines of their own."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _loggable(args: TrainingArguments) -> dict:

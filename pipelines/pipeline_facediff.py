@@ -145,13 +145,7 @@ class FaceDiffPipeline(DiffusionPipeline):
         kwargs.setdefault("use_safetensors", True)
 
         location = str(pretrained_model_name_or_path)
-        if not os.path.isdir(location) and (
-            os.path.isabs(location) or location.startswith(".") or location.count("/") > 1
-        ):
-            raise ValueError(
-                f"{location} is neither a folder nor a Hub repo id (user/name): pass a folder written by "
-                "save_pretrained or a repo id."
-            )
+        check_location(location)
         try:
             index = cls.load_config(pretrained_model_name_or_path, **hub_kwargs)
         except OSError as error:
@@ -163,7 +157,7 @@ class FaceDiffPipeline(DiffusionPipeline):
                 if unfinished_run
                 else "pass the folder that save_pretrained or training wrote"
             )
-            raise OSError(f"{_first_line(error).rstrip('.')}: not a saved pipeline; {fix}.") from error
+            raise OSError(f"{first_line(error).rstrip('.')}: not a saved pipeline; {fix}.") from error
         _check_model_index(index, pretrained_model_name_or_path)
         if unet is None:
             try:
@@ -180,7 +174,7 @@ class FaceDiffPipeline(DiffusionPipeline):
                     if pickle_only
                     else "Restore unet/ from the saved pipeline or save it again."
                 )
-                raise OSError(f"{location}/unet: {_first_line(error)} {fix}") from error
+                raise OSError(f"{location}/unet: {first_line(error)} {fix}") from error
         if scheduler is None:
             scheduler_class = _scheduler_class(index["scheduler"][-1])
             try:
@@ -188,7 +182,7 @@ class FaceDiffPipeline(DiffusionPipeline):
                     pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs
                 )
             except ValueError as error:
-                raise ValueError(f"{location}/scheduler/scheduler_config.json: {_first_line(error)}") from error
+                raise ValueError(f"{location}/scheduler/scheduler_config.json: {first_line(error)}") from error
         pipeline = cls(unet=unet, scheduler=scheduler)
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipeline
@@ -330,8 +324,31 @@ def _unet_layout(unet: torch.nn.Module, memory_format: torch.memory_format):
         unet.to(memory_format=torch.channels_last if was_channels_last else torch.contiguous_format)
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0]
+def check_location(location: str) -> None:
+    """
+    Refuse what is neither a folder nor a Hub repo id (`user/name`), such as a mistyped path, before anything is read.
+
+    Args:
+        location (`str`):
+            What `from_pretrained` was given.
+    """
+    if not os.path.isdir(location) and (os.path.isabs(location) or location.startswith(".") or location.count("/") > 1):
+        raise ValueError(
+            f"{location} is neither a folder nor a Hub repo id (user/name): pass a folder written by save_pretrained "
+            "or a repo id."
+        )
+
+
+def first_line(error: BaseException) -> str:
+    """
+    An error's message on one line (Hub and loading errors add lines of detail), or its type when it has none.
+
+    Args:
+        error (`BaseException`):
+            The error.
+    """
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _check_model_index(index: dict, location) -> None:

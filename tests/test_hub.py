@@ -52,12 +52,8 @@ def fake_hub(monkeypatch, tmp_path):
 def test_training_pushes_exactly_the_pipeline_and_it_loads_back(tmp_path, fake_hub, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     output = tmp_path / "faces"
-    flags = ["--output_dir", str(output), "--train_data_dir", str(OLIVETTI), "--max_train_samples", "16",
-             "--resolution", "16", "--train_batch_size", "8", "--max_train_steps", "2", "--checkpointing_steps", "1",
-             "--eval_batch_size", "4", "--num_inference_steps", "2", "--push_to_hub", "--hub_model_id",
-             "someone/faces", "--hub_private_repo"]  # fmt: skip
     try:
-        train(parse_training_arguments(flags))
+        train(parse_training_arguments(hub_run(output, "--hub_private_repo")))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
 
