@@ -42,8 +42,8 @@ def measure(args: argparse.Namespace):
     from facediff.training import _diffusion_loss
     from facediff.training_args import TrainingArguments
 
-    training_args = TrainingArguments(train_data_dir=args.data, resolution=args.resolution, output_dir="unused")
-    raw, column = data.load_raw_dataset(training_args)
+    source = data.ImageSource(location=args.data, is_image_folder=True, resolution=args.resolution)
+    raw, column = data.load_raw_dataset(source)
     paths = [item["path"] for item in raw[column]]
     rows = []
 
@@ -56,8 +56,8 @@ def measure(args: argparse.Namespace):
     rows.append(("decode on every access (1 process)", len(sample) / (time.perf_counter() - started)))
 
     started = time.perf_counter()
-    processed = data.preprocess_images(raw, column, 3, training_args)
-    processes = data.preprocessing_processes(training_args, len(raw)) or 1
+    processed = data.preprocess_images(raw, column, source, 3)
+    processes = data.preprocessing_processes(source, len(raw)) or 1
     label = f"facediff preprocessing, once ({processes} process{'es' if processes > 1 else ''})"
     rows.append((label, len(raw) / (time.perf_counter() - started)))
 
@@ -74,7 +74,7 @@ def measure(args: argparse.Namespace):
     for index in range(6):
         if index == 1:
             started = time.perf_counter()
-        _diffusion_loss(unet, scheduler, pixels, training_args).backward()
+        _diffusion_loss(unet, scheduler, pixels, TrainingArguments(output_dir="unused")).backward()
         optimizer.step()
         optimizer.zero_grad()
     rows.append(

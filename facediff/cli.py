@@ -13,10 +13,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
+from .atomic_files import write_json
+from .data import ImageSourceError
+from .errors import first_line
+from .hub import FaceDiffPipeline, check_model_location
 from .model_card import EVAL_RESULTS_NAME, evaluation_table, load_card, model_digest, refresh_card_evaluation
-from .output_dir import check_writable_file, write_json
-from .pipelines import FaceDiffPipeline, FaceDiffScheduler
-from .pipelines.pipeline_facediff import check_location, first_line
+from .output_dir import check_writable_file
+from .pipelines import FaceDiffScheduler
 from .sample_grids import save_grid
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -99,9 +102,12 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     pipeline = load_sampler(args)
     _check_steps(pipeline, step_counts)  # before the reference is read
     unet_config = pipeline.unet.config
-    reference = load_reference(
-        args.reference, unet_config.sample_size, unet_config.in_channels, args.max_reference, args.seed
-    )
+    try:
+        reference = load_reference(
+            args.reference, unet_config.sample_size, unet_config.in_channels, args.max_reference, args.seed
+        )
+    except ImageSourceError as error:
+        raise ValueError(error.naming(location="--reference")) from error
     evaluator = SampleEvaluator(reference, inception, args.batch_size, device, args.seed)
     rows = []
     for steps in step_counts:
@@ -311,7 +317,7 @@ def _dataset_name(reference: str) -> str:
 
 def _model_folder(model: str) -> Path | None:
     """The folder `model` names, or `None` for a Hub repo id; anything else is refused now, before the other checks."""
-    check_location(model)
+    check_model_location(model)
     return Path(model) if Path(model).is_dir() else None
 
 

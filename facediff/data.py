@@ -1,20 +1,25 @@
-"""Training images: from an image folder, a Hub or saved dataset, or the built-in digits, to uint8 arrays.
+"""Training and reference images: from an image folder, a Hub or saved dataset, or the built-in digits, to uint8
+arrays.
 
 Decoding and resizing happen once, in `datasets.Dataset.map` (several processes, cached on disk by `datasets`), so
 an epoch afterwards reads small arrays and the data path never holds the training step back. Bad files are found
 in that same pass and reported before training starts.
+
+This layer knows no command line: an `ImageSource` says what to read, and an `ImageSourceError` names the setting at
+fault and its value, which the training script and the CLI turn into their own flag names.
 """
 
 import io
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 from PIL import Image, ImageOps
 
-from .training_args import TrainingArguments
+from .locations import is_saved_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -23,41 +28,120 @@ IMAGE_EXTENSIONS = {ext.lower() for ext in datasets.packaged_modules.imagefolder
 PIXELS = "pixel_values"
 
 
-def load_raw_dataset(args: TrainingArguments) -> tuple[datasets.Dataset, str]:
+@dataclass(frozen=True)
+class ImageSource:
     """
-    The training split with its image column left undecoded, and that column's name.
+    Where images come from and how they are read.
 
     Args:
-        args (`TrainingArguments`):
-            `train_data_dir`, `dataset_name` (neither: the built-in digits), `image_column`, `cache_dir`.
+        location (`str`, *optional*):
+            A folder of images (read recursively), a `save_to_disk` folder, a Hub dataset id or a folder that
+            `datasets.load_dataset` reads; `None`: scikit-learn's bundled handwritten digits.
+        is_image_folder (`bool`, defaults to `False`):
+            Read `location` as a folder of image files, whatever else it holds.
+        image_column (`str`, *optional*):
+            The column of images or image file paths; default: the first Image feature.
+        resolution (`int`, defaults to 64):
+            The side of the square images produced.
+        center_crop (`bool`, defaults to `False`):
+            Crop the longer side's middle; otherwise at a random place, drawn once per image from `seed`.
+        cache_dir (`str`, *optional*):
+            Where `datasets` caches downloads and the preprocessed images (and where the digits are written).
+        limit (`int`, *optional*):
+            Keep this many images, a seeded random subset.
+        seed (`int`, defaults to 0):
+            Draws that subset and the crops.
+        num_workers (`int`, *optional*):
+            Processes that decode; default: see `preprocessing_processes`.
+    """
+
+    location: str | None = None
+    is_image_folder: bool = False
+    image_column: str | None = None
+    resolution: int = 64
+    center_crop: bool = False
+    cache_dir: str | None = None
+    limit: int | None = None
+    seed: int = 0
+    num_workers: int | None = None
+
+    def describe(self) -> str:
+        """The source as an `ImageSourceError` names it."""
+        return "{location} " + self.location if self.location is not None else "the built-in digits dataset"
+
+
+class ImageSourceError(ValueError):
+    """
+    Bad data, or a setting of an `ImageSource` that cannot be read. The message refers to the settings as
+    `{location}` and `{image_column}`, which `naming` replaces with a front end's own names for them (its flags);
+    `str(error)` reads "the location ..." and "image_column ...".
+
+    Args:
+        template (`str`):
+            The message, with the settings' placeholders.
+    """
+
+    def __init__(self, template: str):
+        self.template = template
+        super().__init__(self.naming())
+
+    def naming(self, location: str = "the location", image_column: str = "image_column") -> str:
+        """
+        The message with each setting called by the given name.
+
+        Args:
+            location (`str`):
+                What sets `ImageSource.location`, e.g. `"--train_data_dir"`.
+            image_column (`str`):
+                What sets `ImageSource.image_column`, e.g. `"--image_column"`.
+
+        Returns:
+            `str`
+        """
+        return self.template.replace("{location}", location).replace("{image_column}", image_column)
+
+
+def load_raw_dataset(source: ImageSource) -> tuple[datasets.Dataset, str]:
+    """
+    The train split of `source` with its image column left undecoded, and that column's name.
+
+    Args:
+        source (`ImageSource`):
+            What to read.
 
     Returns:
         `tuple[datasets.Dataset, str]`
+
+    Raises:
+        `ImageSourceError`: when there is nothing to read, or no image column.
     """
-    if args.train_data_dir is not None:
+    location = source.location
+    if location is not None and source.is_image_folder:
         dataset = datasets.load_dataset(
-            "imagefolder", data_dir=_checked_image_folder(args.train_data_dir), cache_dir=args.cache_dir
+            "imagefolder", data_dir=_checked_image_folder(location), cache_dir=source.cache_dir
         )
-    elif args.dataset_name is not None and _is_saved_dataset(Path(args.dataset_name)):
-        dataset = datasets.load_from_disk(args.dataset_name)
-    elif args.dataset_name is not None:  # a Hub id, or a folder load_dataset reads (a clone of a Hub dataset repo)
-        dataset = datasets.load_dataset(args.dataset_name, cache_dir=args.cache_dir)
+    elif location is not None and is_saved_dataset(location):
+        dataset = datasets.load_from_disk(location)
+    elif location is not None:  # a Hub id, or a folder load_dataset reads (a clone of a Hub dataset repo)
+        dataset = datasets.load_dataset(location, cache_dir=source.cache_dir)
     else:
         from .digits import FOLDER_NAME, digits_image_folder
 
-        folder = digits_image_folder(Path(args.cache_dir) / FOLDER_NAME if args.cache_dir is not None else None)
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=args.cache_dir)
+        folder = digits_image_folder(Path(source.cache_dir) / FOLDER_NAME if source.cache_dir is not None else None)
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=source.cache_dir)
 
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
-            raise ValueError(f"{_source(args)} has no 'train' split (it has {', '.join(dataset)}): save or pass one.")
+            raise ImageSourceError(
+                f"{source.describe()} has no 'train' split (it has {', '.join(dataset)}): save or pass one."
+            )
         dataset = dataset["train"]
-    image_column = _image_column(dataset, args)
+    image_column = _image_column(dataset, source)
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     if len(dataset) == 0:
-        raise ValueError(f"{_source(args)} holds no images: point the flag at a dataset with a train split of images.")
-    if args.max_train_samples is not None and args.max_train_samples < len(dataset):
-        dataset = dataset.shuffle(seed=args.seed).select(range(args.max_train_samples))
+        raise ImageSourceError(f"{source.describe()} holds no images: pass a dataset with a train split of images.")
+    if source.limit is not None and source.limit < len(dataset):
+        dataset = dataset.shuffle(seed=source.seed).select(range(source.limit))
     return dataset, image_column
 
 
@@ -76,9 +160,8 @@ def detect_channels(dataset: datasets.Dataset, image_column: str) -> int:
 def preprocess_images(
     dataset: datasets.Dataset,
     image_column: str,
+    source: ImageSource,
     channels: int,
-    args: TrainingArguments,
-    resolution: int | None = None,
 ) -> datasets.Dataset:
     """
     Decode, convert, resize and crop every image once; drop unreadable ones with a warning that counts them.
@@ -88,17 +171,18 @@ def preprocess_images(
             From `load_raw_dataset`.
         image_column (`str`):
             The undecoded image column.
+        source (`ImageSource`):
+            `resolution`, `center_crop`, `seed` and `num_workers`.
         channels (`int`):
             1 or 3.
-        args (`TrainingArguments`):
-            `resolution`, `center_crop`, `seed`, `preprocessing_num_workers`.
-        resolution (`int`, *optional*):
-            The image side, when it is not `args`'s: a model with its own config may take sizes no preset does.
 
     Returns:
         `datasets.Dataset`: one column, `pixel_values`, uint8 of shape (channels, resolution, resolution).
+
+    Raises:
+        `ImageSourceError`: when no image can be read.
     """
-    resolution = resolution or args.effective_resolution
+    resolution = source.resolution
     features = datasets.Features(
         {
             PIXELS: datasets.Array3D(shape=(channels, resolution, resolution), dtype="uint8"),
@@ -111,19 +195,19 @@ def preprocess_images(
         with_indices=True,
         remove_columns=dataset.column_names,
         features=features,
-        num_proc=preprocessing_processes(args, len(dataset)),
+        num_proc=preprocessing_processes(source, len(dataset)),
         fn_kwargs={
             "image_column": image_column,
             "channels": channels,
             "resolution": resolution,
-            "center_crop": args.center_crop,
-            "seed": args.seed,
+            "center_crop": source.center_crop,
+            "seed": source.seed,
         },
         desc="Decoding and resizing images",
     )
     errors = [error for error in processed["error"] if error]
     if len(errors) == len(processed):
-        raise ValueError(f"None of the {len(errors)} images could be read, e.g. {errors[0]}.")
+        raise ImageSourceError(f"None of the {len(errors)} images could be read, e.g. {errors[0]}.")
     if errors:
         shown = "; ".join(errors[:5]) + ("; ..." if len(errors) > 5 else "")
         logger.warning("Skipping %d of %d images that could not be read: %s", len(errors), len(processed), shown)
@@ -131,14 +215,14 @@ def preprocess_images(
     return processed.remove_columns("error").with_format("torch")
 
 
-def preprocessing_processes(args: TrainingArguments, num_images: int) -> int | None:
+def preprocessing_processes(source: ImageSource, num_images: int) -> int | None:
     """
-    The processes `preprocess_images` decodes in: `--preprocessing_num_workers`, else up to 4 (one per core), and
-    none of its own (`None`) below 1,000 images, where starting them costs more than they save.
+    The processes `preprocess_images` decodes in: `source.num_workers`, else up to 4 (one per core), and none of
+    its own (`None`) below 1,000 images, where starting them costs more than they save.
 
     Args:
-        args (`TrainingArguments`):
-            The run's settings.
+        source (`ImageSource`):
+            What is read.
         num_images (`int`):
             The dataset's size.
 
@@ -147,7 +231,7 @@ def preprocessing_processes(args: TrainingArguments, num_images: int) -> int | N
     """
     if num_images < 1000:
         return None
-    return args.preprocessing_num_workers or min(4, os.cpu_count() or 1)
+    return source.num_workers or min(4, os.cpu_count() or 1)
 
 
 def to_pixels(image: Image.Image, channels: int, resolution: int, crop_offset: float | None = None) -> np.ndarray:
@@ -224,35 +308,29 @@ def _open(item: dict) -> Image.Image:
     return Image.open(item["path"])
 
 
-def _is_saved_dataset(path: Path) -> bool:
-    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`, which only load_from_disk reads."""
-    return (path / "dataset_dict.json").is_file() or (
-        (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
-    )
-
-
-def _image_column(dataset: datasets.Dataset, args: TrainingArguments) -> str:
+def _image_column(dataset: datasets.Dataset, source: ImageSource) -> str:
     image_columns = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
-    if args.image_column is not None:
-        if args.image_column not in dataset.column_names:
-            raise ValueError(
-                f"--image_column {args.image_column!r} is not a column of {_source(args)}; "
+    column = source.image_column
+    if column is not None:
+        if column not in dataset.column_names:
+            raise ImageSourceError(
+                f"{{image_column}} {column!r} is not a column of {source.describe()}; "
                 f"its columns are {', '.join(dataset.column_names)}."
             )
-        feature = dataset.features[args.image_column]
+        feature = dataset.features[column]
         # Images, or strings that cast_column reads as image file paths; anything else cannot become an image.
         is_paths = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
         if not isinstance(feature, datasets.Image) and not is_paths:
             found = f"its image columns are {', '.join(image_columns)}" if image_columns else "it has no image column"
-            raise ValueError(
-                f"--image_column {args.image_column!r} of {_source(args)} holds {_describe(feature)}, not images; "
+            raise ImageSourceError(
+                f"{{image_column}} {column!r} of {source.describe()} holds {_describe(feature)}, not images; "
                 f"{found}: pass one of them (or a column of image file paths)."
             )
-        return args.image_column
+        return column
     if not image_columns:
-        raise ValueError(
-            f"{_source(args)} has no Image column (columns: {', '.join(dataset.column_names)}): "
-            "name the one holding images with --image_column."
+        raise ImageSourceError(
+            f"{source.describe()} has no Image column (columns: {', '.join(dataset.column_names)}): "
+            "name the one holding images with {image_column}."
         )
     return image_columns[0]
 
@@ -268,21 +346,13 @@ def _describe(feature) -> str:
 def _checked_image_folder(folder: str) -> str:
     path = Path(folder)
     if not path.exists():
-        raise ValueError(f"--train_data_dir {folder} does not exist: pass a folder of images.")
+        raise ImageSourceError(f"{{location}} {folder} does not exist: pass a folder of images.")
     if not path.is_dir():
-        raise ValueError(f"--train_data_dir {folder} is a file, not a folder: pass the folder that holds the images.")
+        raise ImageSourceError(f"{{location}} {folder} is a file, not a folder: pass the folder that holds the images.")
     if not any(entry.is_file() for entry in path.rglob("*")):
-        raise ValueError(f"--train_data_dir {folder} is empty: put images in it (subfolders are searched too).")
+        raise ImageSourceError(f"{{location}} {folder} is empty: put images in it (subfolders are searched too).")
     if not any(entry.suffix.lower() in IMAGE_EXTENSIONS for entry in path.rglob("*") if entry.is_file()):
-        raise ValueError(
-            f"--train_data_dir {folder} holds no images (searched recursively for .png, .jpg, .jpeg, .webp, ...)."
+        raise ImageSourceError(
+            f"{{location}} {folder} holds no images (searched recursively for .png, .jpg, .jpeg, .webp, ...)."
         )
     return str(path)
-
-
-def _source(args: TrainingArguments) -> str:
-    if args.train_data_dir is not None:
-        return f"--train_data_dir {args.train_data_dir}"
-    if args.dataset_name is not None:
-        return f"--dataset_name {args.dataset_name}"
-    return "the built-in digits dataset"

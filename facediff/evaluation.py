@@ -17,10 +17,10 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .data import PIXELS, load_raw_dataset, preprocess_images
+from .data import PIXELS, ImageSource, ImageSourceError, load_raw_dataset, preprocess_images
+from .errors import first_line
 from .fid_inception import FIDInceptionV3
-from .pipelines.pipeline_facediff import first_line
-from .training_args import TrainingArguments
+from .locations import is_saved_dataset, looks_like_hub_id
 
 # pytorch-fid's name first; torch-fidelity and torchmetrics cache their conversion of the same TensorFlow weights
 # under the second name (the same hash suffix, and the same layout: loading checks every tensor's name and shape).
@@ -258,32 +258,25 @@ def load_reference(
 
     Returns:
         `torch.Tensor`: uint8 (N, channels, resolution, resolution).
+
+    Raises:
+        `ImageSourceError`: when `reference` cannot be read as images.
     """
-    path = Path(reference)
-    if not path.exists() and (path.is_absolute() or reference.startswith(".") or reference.count("/") > 1):
-        raise ValueError(
-            f"--reference {reference} does not exist: pass a folder of images, a save_to_disk folder or a Hub "
+    if not Path(reference).exists() and not looks_like_hub_id(reference):
+        raise ImageSourceError(
+            f"{{location}} {reference} does not exist: pass a folder of images, a save_to_disk folder or a Hub "
             "dataset id."
         )
-    is_saved_dataset = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-    uses_folder = path.exists() and not is_saved_dataset
-    # The resolution goes to preprocess_images, not to TrainingArguments: a model with its own config may take sizes
-    # that no preset does, and TrainingArguments checks the preset's.
-    args = TrainingArguments(
-        train_data_dir=reference if uses_folder else None,
-        dataset_name=None if uses_folder else reference,
-        num_channels=channels,
+    source = ImageSource(
+        location=reference,
+        is_image_folder=Path(reference).exists() and not is_saved_dataset(reference),
+        resolution=resolution,
         center_crop=True,
-        max_train_samples=max_images,
+        limit=max_images,
         seed=seed,
     )
-    try:
-        dataset, image_column = load_raw_dataset(args)
-        pixels = preprocess_images(dataset, image_column, channels, args, resolution)[:][PIXELS].to(torch.uint8)
-    except ValueError as error:  # facediff.data names the training flags
-        message = str(error).replace("--train_data_dir ", "--reference ").replace("--dataset_name ", "--reference ")
-        raise ValueError(message) from error
-    return pixels
+    dataset, image_column = load_raw_dataset(source)
+    return preprocess_images(dataset, image_column, source, channels)[:][PIXELS].to(torch.uint8)
 
 
 class SampleEvaluator:

@@ -14,6 +14,7 @@ import torch
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .atomic_files import atomic_write
 from .pipelines import FaceDiffScheduler
 
 logger = logging.getLogger(__name__)
@@ -241,13 +242,8 @@ def _evaluation_setup(results: dict) -> str:
 
 def _write_card(card: ModelCard, folder: str | os.PathLike) -> Path:
     path = Path(folder) / "README.md"
-    partial = path.with_name(".README.md.partial")
-    try:
+    with atomic_write(path) as partial:
         partial.write_text(str(card), encoding="utf-8")
-        os.replace(partial, path)
-    except BaseException:  # as output_dir.write_json: nothing half-written stays
-        partial.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -192,14 +192,3 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}): restore it, or delete it to resume anyway.") from error
-
-
-def write_json(path: Path, content: dict) -> None:
-    """Write JSON atomically: the file is whole or untouched, and no partial file is left behind when writing fails."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-        os.replace(partial, path)
-    except BaseException:  # a full disk, `path` a folder, Ctrl-C: nothing half-written stays
-        partial.unlink(missing_ok=True)
-        raise

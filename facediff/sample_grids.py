@@ -12,7 +12,9 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from .pipelines import FaceDiffPipeline, FaceDiffScheduler
+from .atomic_files import atomic_write
+from .hub import FaceDiffPipeline
+from .pipelines import FaceDiffScheduler
 
 
 def sample_images(
@@ -78,9 +80,8 @@ def save_grid(images: list[Image.Image], path: str | os.PathLike) -> Path:
     grid = make_image_grid(padded, rows=rows, cols=cols)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    grid.save(partial, format="PNG")
-    os.replace(partial, path)
+    with atomic_write(path) as partial:
+        grid.save(partial, format="PNG")
     return path
 
 

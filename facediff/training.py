@@ -28,10 +28,12 @@ from huggingface_hub import HfApi
 from tqdm.auto import tqdm
 
 from . import checkpointing, data
+from .atomic_files import write_json
+from .errors import first_line
+from .hub import FaceDiffPipeline
 from .model_card import training_card_facts, write_model_card
-from .output_dir import check_output_dir, clear_previous_run, refuse_a_different_run, write_json
-from .pipelines import FaceDiffPipeline, FaceDiffScheduler
-from .pipelines.pipeline_facediff import first_line
+from .output_dir import check_output_dir, clear_previous_run, refuse_a_different_run
+from .pipelines import FaceDiffScheduler
 from .sample_grids import log_images, sample_images, save_grid
 from .stop_signals import StopRequest, TrainingInterrupted
 from .training_args import TrainingArguments
@@ -78,15 +80,19 @@ def train(args: TrainingArguments) -> TrainingResult:
         _create_hub_repo(args, output_dir)
     set_seed(args.seed, device_specific=True)
 
-    with accelerator.main_process_first():
-        raw_dataset, image_column = data.load_raw_dataset(args)
-        channels = args.num_channels or data.detect_channels(raw_dataset, image_column)
-    if args.resume_from_checkpoint is not None:
-        refuse_a_different_run(args, output_dir, channels)
-    # Saved as such in checkpoints and training_args.json, so that a resume compares the values this run used.
-    args = args.in_effect(channels)
-    with accelerator.main_process_first():
-        train_dataset = data.preprocess_images(raw_dataset, image_column, channels, args)
+    source = args.image_source()
+    try:
+        with accelerator.main_process_first():
+            raw_dataset, image_column = data.load_raw_dataset(source)
+            channels = args.num_channels or data.detect_channels(raw_dataset, image_column)
+        if args.resume_from_checkpoint is not None:
+            refuse_a_different_run(args, output_dir, channels)
+        # Saved as such in checkpoints and training_args.json, so that a resume compares the values this run used.
+        args = args.in_effect(channels)
+        with accelerator.main_process_first():
+            train_dataset = data.preprocess_images(raw_dataset, image_column, source, channels)
+    except data.ImageSourceError as error:
+        raise ValueError(args.name_data_flags(error)) from error
     if len(train_dataset) < args.train_batch_size:
         raise ValueError(
             f"Only {len(train_dataset)} usable images for a batch of {args.train_batch_size}: "

@@ -15,6 +15,7 @@ from diffusers import UNet2DModel
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
+from .data import ImageSource, ImageSourceError
 from .unet_presets import UNET_PRESETS, unet_config
 
 # piecewise_constant needs step rules that no flag passes: it would fail once training starts.
@@ -164,6 +165,25 @@ class TrainingArguments:
         if self.resolution is not None:
             return self.resolution
         return default_resolution(self.dataset_name, self.train_data_dir)
+
+    def image_source(self) -> ImageSource:
+        """What the data layer reads for this run."""
+        return ImageSource(
+            location=self.train_data_dir or self.dataset_name,
+            is_image_folder=self.train_data_dir is not None,
+            image_column=self.image_column,
+            resolution=self.effective_resolution,
+            center_crop=self.center_crop,
+            cache_dir=self.cache_dir,
+            limit=self.max_train_samples,
+            seed=self.seed,
+            num_workers=self.preprocessing_num_workers,
+        )
+
+    def name_data_flags(self, error: ImageSourceError) -> str:
+        """The data layer's message with this run's flag names in it."""
+        location = "--train_data_dir" if self.train_data_dir is not None else "--dataset_name"
+        return error.naming(location=location, image_column="--image_column")
 
     def total_train_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps this run trains for, given the steps in one epoch."""

@@ -15,10 +15,11 @@ import signal
 import sys
 from pathlib import Path
 
-import facediff.pipelines.pipeline_facediff as pipeline_module
 from PIL import Image
 
+import facediff.atomic_files as atomic_files
 import facediff.checkpointing as checkpointing
+import facediff.hub as hub
 import facediff.training as training
 
 point, nth = sys.argv[1], int(sys.argv[2])
@@ -54,9 +55,9 @@ elif point == "grid":
 
     Image.Image.save = save_then_die
 elif point == "final":
-    original_move = pipeline_module._move_entries_into_place
+    original_move = atomic_files.replace_entries
 
-    def move_half(staging, target):
+    def move_half(staging, target, last=None):
         entries = sorted(entry.name for entry in staging.iterdir())
         replace = os.replace
 
@@ -65,10 +66,10 @@ elif point == "final":
             if Path(destination).name == entries[len(entries) // 2]:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        pipeline_module.os.replace = counting_replace
-        original_move(staging, target)
+        atomic_files.os.replace = counting_replace
+        original_move(staging, target, last)
 
-    pipeline_module._move_entries_into_place = move_half
+    hub.replace_entries = move_half
 else:
     raise SystemExit(f"unknown kill point {point}")
 

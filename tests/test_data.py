@@ -88,7 +88,7 @@ def write_images(folder: Path, images: dict[str, Image.Image]) -> Path:
 
 def channels_of(folder: Path) -> int:
     args = parse_training_arguments(["--train_data_dir", str(folder)])
-    raw, column = data.load_raw_dataset(args)
+    raw, column = data.load_raw_dataset(args.image_source())
     return data.detect_channels(raw, column)
 
 
@@ -108,9 +108,9 @@ def test_saved_dataset_and_image_column_are_used(tmp_path):
     )
     dataset.save_to_disk(tmp_path / "saved")
     args = parse_training_arguments(["--dataset_name", str(tmp_path / "saved"), "--resolution", "16"])
-    raw, column = data.load_raw_dataset(args)
+    raw, column = data.load_raw_dataset(args.image_source())
     assert column == "face" and len(raw) == 12
-    processed = data.preprocess_images(raw, column, 1, args)
+    processed = data.preprocess_images(raw, column, args.image_source(), 1)
     assert processed[0][data.PIXELS].shape == (1, 16, 16)
 
 
@@ -323,25 +323,25 @@ def test_a_dataset_folder_that_load_dataset_reads_is_used(tmp_path):
     dataset = datasets.Dataset.from_dict({"face": faces}).cast_column("face", datasets.Image())
     dataset.to_parquet(tmp_path / "faces-repo" / "data" / "train-00000-of-00001.parquet")
     args = parse_training_arguments(["--dataset_name", str(tmp_path / "faces-repo"), "--resolution", "16"])
-    raw, column = data.load_raw_dataset(args)
+    raw, column = data.load_raw_dataset(args.image_source())
     assert column == "face" and len(raw) == 12
-    assert data.preprocess_images(raw, column, 1, args)[0][data.PIXELS].shape == (1, 16, 16)
+    assert data.preprocess_images(raw, column, args.image_source(), 1)[0][data.PIXELS].shape == (1, 16, 16)
 
 
 def test_image_column_takes_images_or_image_paths_only(tmp_path):
     paths = [str(path) for path in sorted(OLIVETTI.glob("*.png"))[:4]]
     datasets.Dataset.from_dict({"file": paths, "label": [0, 1, 2, 3]}).save_to_disk(tmp_path / "paths")
     args = parse_training_arguments(["--dataset_name", str(tmp_path / "paths"), "--image_column", "file"])
-    raw, column = data.load_raw_dataset(args)
+    raw, column = data.load_raw_dataset(args.image_source())
     assert column == "file" and data.detect_channels(raw, column) == 1
     args = parse_training_arguments(["--dataset_name", str(tmp_path / "paths"), "--image_column", "label"])
     with pytest.raises(ValueError, match=r"'label' of .* holds int64 values, not images; it has no image column"):
-        data.load_raw_dataset(args)
+        data.load_raw_dataset(args.image_source())
 
 
 def test_cache_dir_holds_the_builtin_digits(tmp_path):
     args = parse_training_arguments(["--cache_dir", str(tmp_path / "cache"), "--max_train_samples", "4"])
-    raw, column = data.load_raw_dataset(args)
+    raw, column = data.load_raw_dataset(args.image_source())
     assert len(raw) == 4
     assert len(list((tmp_path / "cache" / "facediff-sklearn-digits").rglob("*.png"))) == 1797
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from facediff import FaceDiffPipeline, FaceDiffScheduler, build_unet
+from facediff.atomic_files import write_json
 from facediff.cli import main
 from facediff.evaluation import (
     CHUNK_BYTES,
@@ -33,7 +34,6 @@ from facediff.model_card import (
     refresh_card_evaluation,
     write_model_card,
 )
-from facediff.output_dir import write_json
 
 from .conftest import OLIVETTI
 

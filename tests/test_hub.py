@@ -2,13 +2,15 @@
 
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from diffusers import DDIMScheduler
-from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
+from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.utils import hub_utils
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, RepoUrl
 
 import facediff.training as training
 from facediff import FaceDiffPipeline, model_card
@@ -46,6 +48,15 @@ def fake_hub(monkeypatch, tmp_path):
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+
+    # diffusers' own push calls huggingface_hub's module-level create_repo and upload_folder: the same two calls.
+    def upload_folder(*, repo_id, folder_path, commit_message, **kwargs):
+        files = sorted(path for path in Path(folder_path).rglob("*") if path.is_file())
+        operations = [CommitOperationAdd(str(path.relative_to(folder_path)), str(path)) for path in files]
+        return HfApi().create_commit(repo_id, operations, commit_message=commit_message)
+
+    monkeypatch.setattr(hub_utils, "create_repo", lambda *args, **kwargs: HfApi().create_repo(*args, **kwargs))
+    monkeypatch.setattr(hub_utils, "upload_folder", upload_folder)
     return hub
 
 
@@ -237,3 +248,18 @@ def test_the_card_template_is_found_where_pip_puts_a_wheels_data_files(tmp_path,
     template.unlink()
     with pytest.raises(FileNotFoundError, match="model_card.md was not found beside the facediff package"):
         model_card.template_path()
+
+
+def test_the_remote_code_pipeline_pushes_itself_with_its_code(gray_pipeline, tmp_path, fake_hub):
+    # A user without facediff saves with push_to_hub=True: the upload must carry the code, or the repo cannot load.
+    gray_pipeline.save_pretrained(tmp_path / "model")
+    remote = DiffusionPipeline.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    assert type(remote) is not FaceDiffPipeline and type(remote).__module__ != FaceDiffPipeline.__module__
+    remote.save_pretrained(tmp_path / "again", push_to_hub=True, repo_id="someone/remote", private=True)
+
+    ((repo_id, _, files),) = fake_hub["commits"]
+    assert repo_id == "someone/remote" and fake_hub["repos"][-1][:2] == ("someone/remote", True)
+    assert {"pipeline_facediff.py", "scheduling_facediff.py", "scheduler/scheduling_facediff.py"} <= set(files)
+    assert (tmp_path / "again" / "pipeline_facediff.py").is_file()
+    loaded = FaceDiffPipeline.from_pretrained(fake_hub["files"])
+    assert torch.equal(loaded.unet.conv_in.weight, gray_pipeline.unet.conv_in.weight)
