@@ -6,7 +6,6 @@ They train on the built-in digits, so they need no data beside the repository.
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from diffusers import DDPMPipeline, DDPMScheduler
 
 import facediff.training as training
@@ -14,15 +13,9 @@ from facediff import FaceDiffPipeline, FaceDiffScheduler, build_unet
 from facediff.training import NonFiniteLossError, train
 from facediff.training_args import parse_training_arguments
 
-from .test_training import inf_gradients_for, tiny_run
+from .conftest import inf_gradients_for, tiny_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])

@@ -11,23 +11,15 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from accelerate.state import AcceleratorState
 from PIL import Image
 
 from facediff import FaceDiffScheduler, build_unet, data
 from facediff.training import train
 from facediff.training_args import parse_training_arguments
 
-from .conftest import OLIVETTI
-from .test_training import folder_state
+from .conftest import FACES, folder_state
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def gray_gradient() -> Image.Image:
@@ -102,7 +94,7 @@ def test_channels_follow_the_data(tmp_path):
 
 
 def test_saved_dataset_and_image_column_are_used(tmp_path):
-    faces = [Image.open(path).copy() for path in sorted(OLIVETTI.glob("*.png"))[:12]]
+    faces = [Image.open(path).copy() for path in sorted(FACES.glob("*.png"))[:12]]
     dataset = datasets.Dataset.from_dict({"caption": ["a face"] * 12, "face": faces}).cast_column(
         "face", datasets.Image()
     )
@@ -181,7 +173,7 @@ def scheduler_config(tmp_path) -> Path:
 
 
 def faces_with_labels(tmp_path) -> Path:
-    faces = [Image.open(path).copy() for path in sorted(OLIVETTI.glob("*.png"))[:4]]
+    faces = [Image.open(path).copy() for path in sorted(FACES.glob("*.png"))[:4]]
     dataset = datasets.Dataset.from_dict({"label": [0, 1, 2, 3], "face": faces}).cast_column("face", datasets.Image())
     dataset.save_to_disk(tmp_path / "labelled")
     return tmp_path / "labelled"
@@ -201,16 +193,16 @@ BAD_INPUTS = [
     (lambda tmp: ["--train_data_dir", str(only_broken_images(tmp))], r"None of the 2 images could be read, e\.g\."),
     (lambda tmp: ["--dataset_name", str(colour_dataset_without_images(tmp))], r"has no Image column .*--image_column"),
     (
-        lambda tmp: ["--train_data_dir", str(OLIVETTI), "--image_column", "photo"],
+        lambda tmp: ["--train_data_dir", str(FACES), "--image_column", "photo"],
         r"--image_column 'photo' is not a column .* its columns are image",
     ),
     (
-        lambda tmp: ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "3"],
+        lambda tmp: ["--train_data_dir", str(FACES), "--max_train_samples", "3"],
         r"Only 3 usable images for a batch of 4: lower --train_batch_size",
     ),
-    (lambda tmp: ["--train_data_dir", str(OLIVETTI), "--resolution", "200"], r"resolution 200 is not divisible by 32"),
+    (lambda tmp: ["--train_data_dir", str(FACES), "--resolution", "200"], r"resolution 200 is not divisible by 32"),
     (lambda tmp: ["--resolution", "8"], r"resolution must be between 16 and 256"),
-    (lambda tmp: ["--train_data_dir", str(OLIVETTI), "--dataset_name", "x/y"], r"either --dataset_name or"),
+    (lambda tmp: ["--train_data_dir", str(FACES), "--dataset_name", "x/y"], r"either --dataset_name or"),
     (lambda tmp: ["--num_channels", "2"], r"--num_channels must be 1 or 3"),
     (lambda tmp: ["--model_preset", "huge"], r"Unknown UNet preset 'huge'"),
     (lambda tmp: ["--num_inference_steps", "2000"], r"--num_inference_steps \(2000\) cannot exceed"),
@@ -231,7 +223,7 @@ BAD_INPUTS = [
         r"unet.json is neither a config.json nor a folder holding one",
     ),
     (
-        lambda tmp: ["--train_data_dir", str(OLIVETTI), "--model_config_name_or_path", str(rgb_unet_config(tmp))],
+        lambda tmp: ["--train_data_dir", str(FACES), "--model_config_name_or_path", str(rgb_unet_config(tmp))],
         r"rgb-unet takes 3 channel\(s\) but the data has 1: pass --num_channels 3",
     ),
     (
@@ -319,7 +311,7 @@ def test_the_command_line_prints_one_line_and_exits_non_zero(tmp_path):
 
 def test_a_dataset_folder_that_load_dataset_reads_is_used(tmp_path):
     # A local clone of a Hub dataset repo: parquet files, not a save_to_disk folder.
-    faces = [Image.open(path).copy() for path in sorted(OLIVETTI.glob("*.png"))[:12]]
+    faces = [Image.open(path).copy() for path in sorted(FACES.glob("*.png"))[:12]]
     dataset = datasets.Dataset.from_dict({"face": faces}).cast_column("face", datasets.Image())
     dataset.to_parquet(tmp_path / "faces-repo" / "data" / "train-00000-of-00001.parquet")
     args = parse_training_arguments(["--dataset_name", str(tmp_path / "faces-repo"), "--resolution", "16"])
@@ -329,7 +321,7 @@ def test_a_dataset_folder_that_load_dataset_reads_is_used(tmp_path):
 
 
 def test_image_column_takes_images_or_image_paths_only(tmp_path):
-    paths = [str(path) for path in sorted(OLIVETTI.glob("*.png"))[:4]]
+    paths = [str(path) for path in sorted(FACES.glob("*.png"))[:4]]
     datasets.Dataset.from_dict({"file": paths, "label": [0, 1, 2, 3]}).save_to_disk(tmp_path / "paths")
     args = parse_training_arguments(["--dataset_name", str(tmp_path / "paths"), "--image_column", "file"])
     raw, column = data.load_raw_dataset(args.image_source())

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import OLIVETTI
+from .conftest import FACES
 
 PROBE = Path(__file__).with_name("launch_probe.py")
-FLAGS = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "64", "--resolution", "16",
+FLAGS = ["--train_data_dir", str(FACES), "--max_train_samples", "64", "--resolution", "16",
          "--train_batch_size", "8", "--max_train_steps", "4", "--checkpointing_steps", "2",
          "--save_images_steps", "2", "--eval_batch_size", "4", "--num_inference_steps", "2",
          "--random_flip"]  # fmt: skip

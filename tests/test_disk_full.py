@@ -17,20 +17,13 @@ from facediff.checkpointing import DiskFullError, list_checkpoints, resolve_chec
 from facediff.training import train
 from facediff.training_args import parse_training_arguments
 
-from .conftest import OLIVETTI
-from .test_training import folder_state, tiny_run
+from .conftest import FACES, folder_state, tiny_run
 
 STAGING = ".checkpoint-2.partial"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def flags(output: Path, *extra: str) -> list[str]:
-    return tiny_run(output, "--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "3",
+    return tiny_run(output, "--train_data_dir", str(FACES), "--max_train_samples", "16", "--max_train_steps", "3",
                     "--checkpointing_steps", "1", "--checkpoints_total_limit", "1", "--save_images_steps", "100",
                     "--eval_batch_size", "1", "--num_inference_steps", "1", *extra)  # fmt: skip
 

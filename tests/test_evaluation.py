@@ -35,7 +35,7 @@ from facediff.model_card import (
     write_model_card,
 )
 
-from .conftest import OLIVETTI
+from .conftest import FACES
 
 
 class RandomFeatures(nn.Module):
@@ -54,7 +54,7 @@ class RandomFeatures(nn.Module):
 
 @pytest.fixture(scope="module")
 def faces() -> torch.Tensor:
-    return load_reference(str(OLIVETTI), resolution=32, channels=1)
+    return load_reference(str(FACES), resolution=32, channels=1)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,9 @@ def test_scores_are_zero_for_the_reference_itself_and_grow_with_a_brightness_shi
     scores = [evaluator.score(brighter(faces, shift)) for shift in (0, 8, 24, 64)]
     for name in ("fid", "kid_mean", "pixel_pca_fd", "pixel_pca_kid_mean"):
         values = [score[name] for score in scores]
-        assert abs(values[0]) < 1e-3 * values[-1], (name, values)
+        # KID's unbiased estimate of a set against itself is off zero by about 1/N of its scale: 40 images here.
+        tolerance = 1e-3 if name in ("fid", "pixel_pca_fd") else 5e-2
+        assert abs(values[0]) < tolerance * values[-1], (name, values)
         assert values == sorted(values) and len(set(values)) == len(values), (name, values)
 
 
@@ -91,7 +93,7 @@ def test_results_from_before_the_pixel_pca_kid_still_make_a_table():
 
 def test_reference_loads_at_sizes_no_preset_takes():
     # A model with its own UNet config may be 12 or 512 pixels wide; the presets' 16-256 range must not stop its eval.
-    reference = load_reference(str(OLIVETTI), resolution=12, channels=3, max_images=4)
+    reference = load_reference(str(FACES), resolution=12, channels=3, max_images=4)
     assert reference.shape == (4, 3, 12, 12) and reference.dtype == torch.uint8
     assert torch.equal(reference[:, 0], reference[:, 2])  # gray faces, repeated into RGB
 
@@ -142,7 +144,7 @@ def test_eval_writes_a_table_json_and_the_card_model_index(gray_pipeline, random
     model = tmp_path / "model"
     gray_pipeline.save_pretrained(model)
     (model / "README.md").write_text("---\nlibrary_name: diffusers\n---\n\n# model\n\n## Usage\n\nDraw faces.\n")
-    flags = ["--reference", str(OLIVETTI), "--num-images", "2", "--steps", "2", "1", "--max-reference", "4"]
+    flags = ["--reference", str(FACES), "--num-images", "2", "--steps", "2", "1", "--max-reference", "4"]
     assert main(["eval", str(model), *flags, "--inception-weights", str(random_inception_weights)]) == 0
 
     printed = capsys.readouterr().out.splitlines()
@@ -151,7 +153,7 @@ def test_eval_writes_a_table_json_and_the_card_model_index(gray_pipeline, random
     assert printed[4] == f"Wrote {model / 'eval_results.json'} and refreshed {model / 'README.md'}"
     results = json.loads((model / "eval_results.json").read_text())
     assert results["num_images"] == 2 and results["num_reference"] == 4
-    assert results["reference_name"] == "olivetti-faces/train"
+    assert results["reference_name"] == "faces/train"
     assert [row["steps"] for row in results["rows"]] == [2, 1]
     scores = {
         "fid",
@@ -178,7 +180,7 @@ def test_eval_writes_a_table_json_and_the_card_model_index(gray_pipeline, random
     assert len(metrics) == 10
     # A local --reference is no Hub dataset: the Hub would read its path as a dataset id.
     assert {(result.dataset_type, result.dataset_name) for result in card.data.eval_results} == {
-        ("imagefolder", "olivetti-faces/train")
+        ("imagefolder", "faces/train")
     }
     assert card.text.count("## Evaluation") == 1 and "## Usage\n\nDraw faces." in card.text
     assert "| steps | FID | KID | pixel-PCA FD | pixel-PCA KID | memorised |" in card.text
@@ -186,7 +188,7 @@ def test_eval_writes_a_table_json_and_the_card_model_index(gray_pipeline, random
     card = ModelCard.load(write_model_card({"model_name": "model"}, model))
     assert len(card.data.eval_results) == 10 and card.text.count("## Evaluation") == 1
     assert (
-        "2 samples per row (seed 0, `variance_type` fixed_large) against 4 images of `olivetti-faces/train`"
+        "2 samples per row (seed 0, `variance_type` fixed_large) against 4 images of `faces/train`"
         in card.text
     )
 
@@ -198,7 +200,7 @@ def test_eval_writes_a_table_json_and_the_card_model_index(gray_pipeline, random
 
 def test_missing_inception_weights_say_how_to_provide_them(gray_pipeline, tmp_path, monkeypatch, capsys):
     gray_pipeline.save_pretrained(tmp_path / "model")
-    flags = ["eval", str(tmp_path / "model"), "--reference", str(OLIVETTI)]
+    flags = ["eval", str(tmp_path / "model"), "--reference", str(FACES)]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     assert main(flags) == 2
     (line,) = capsys.readouterr().err.splitlines()
@@ -213,7 +215,7 @@ def test_missing_inception_weights_say_how_to_provide_them(gray_pipeline, tmp_pa
 def test_empty_inception_weights_file_gives_one_line(gray_pipeline, tmp_path, capsys):
     gray_pipeline.save_pretrained(tmp_path / "model")
     (tmp_path / "empty.pth").write_bytes(b"")  # torch.load's EOFError carries no message
-    flags = ["eval", str(tmp_path / "model"), "--reference", str(OLIVETTI)]
+    flags = ["eval", str(tmp_path / "model"), "--reference", str(FACES)]
     assert main([*flags, "--inception-weights", str(tmp_path / "empty.pth")]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {tmp_path / 'empty.pth'} is not the FID Inception weights (EOFError): download ")
@@ -232,20 +234,18 @@ def test_eval_input_errors_are_one_line(gray_pipeline, tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"error: --reference {tmp_path / 'empty'} is empty: put images in it (subfolders are searched too)."
     ]
-    assert main(["eval", "user/model", "--reference", str(OLIVETTI), "--no-inception"]) == 2
+    assert main(["eval", "user/model", "--reference", str(FACES), "--no-inception"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: user/model is not a local folder: pass the path of a saved pipeline, or --out FILE for the results "
         "of a Hub model."
     ]
     # A mistyped folder is named as such, not taken for a Hub model whose results need --out.
-    assert main(["eval", str(tmp_path / "modle"), "--reference", str(OLIVETTI), "--no-inception"]) == 2
+    assert main(["eval", str(tmp_path / "modle"), "--reference", str(FACES), "--no-inception"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: {tmp_path / 'modle'} is neither a folder nor a Hub repo id (user/name): pass a folder written by "
         "save_pretrained or a repo id."
     ]
-    assert (
-        main(["eval", str(tmp_path / "model"), "--reference", str(OLIVETTI), "--no-inception", "--steps", "2000"]) == 2
-    )
+    assert main(["eval", str(tmp_path / "model"), "--reference", str(FACES), "--no-inception", "--steps", "2000"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: --steps 2000 is more than the model's 1000 training steps: pass --steps 1000 or fewer, or leave it "
         "out for all of them."
@@ -259,7 +259,7 @@ def test_eval_checks_the_card_before_sampling(gray_pipeline, tmp_path, capsys):
     gray_pipeline.save_pretrained(model)
     (model / "README.md").write_text("---\nlicense: [mit\ntags: x\n---\n\n# model\n")
     before = sorted(path.name for path in model.iterdir())
-    flags = ["--reference", str(OLIVETTI), "--num-images", "2", "--steps", "2", "--max-reference", "4"]
+    flags = ["--reference", str(FACES), "--num-images", "2", "--steps", "2", "--max-reference", "4"]
     assert main(["eval", str(model), *flags, "--no-inception"]) == 2
     (line,) = capsys.readouterr().err.splitlines()  # one line: no progress bar was started
     assert line.startswith(f"error: {model / 'README.md'} has metadata that does not parse (while parsing a flow ")
@@ -271,7 +271,7 @@ def test_eval_checks_out_before_sampling(gray_pipeline, tmp_path, capsys):
     gray_pipeline.save_pretrained(tmp_path / "model")
     (tmp_path / "results").mkdir()
     (tmp_path / "a_file").write_text("")
-    flags = ["eval", str(tmp_path / "model"), "--reference", str(OLIVETTI), "--no-inception", "--steps", "2"]
+    flags = ["eval", str(tmp_path / "model"), "--reference", str(FACES), "--no-inception", "--steps", "2"]
     assert main([*flags, "--out", str(tmp_path / "results")]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: --out {tmp_path / 'results'} is a folder: pass a file path, such as "
@@ -295,7 +295,7 @@ def test_write_json_leaves_no_partial_file_when_it_fails(tmp_path):
 
 def test_eval_samples_a_repeated_step_count_once(gray_pipeline, tmp_path, capsys):
     gray_pipeline.save_pretrained(tmp_path / "model")
-    flags = ["--reference", str(OLIVETTI), "--num-images", "2", "--max-reference", "4", "--no-inception"]
+    flags = ["--reference", str(FACES), "--num-images", "2", "--max-reference", "4", "--no-inception"]
     assert main(["eval", str(tmp_path / "model"), *flags, "--steps", "2", "1", "2"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert [line.split(" | ")[0] for line in printed[2:-1]] == ["| 2", "| 1"]

@@ -17,8 +17,7 @@ from facediff import FaceDiffPipeline, model_card
 from facediff.training import train
 from facediff.training_args import parse_training_arguments
 
-from .conftest import OLIVETTI, lay_out_as_hub_cache
-from .test_training import folder_state
+from .conftest import FACES, folder_state, lay_out_as_hub_cache
 
 TOKEN = "hf_thisIsNotARealTokenButMustNeverBeWritten"
 
@@ -166,7 +165,7 @@ def lay_out(fake_hub, tmp_path):
 
 
 def hub_run(output, *flags) -> list[str]:
-    return ["--output_dir", str(output), "--train_data_dir", str(OLIVETTI), "--max_train_samples", "16",
+    return ["--output_dir", str(output), "--train_data_dir", str(FACES), "--max_train_samples", "16",
             "--resolution", "16", "--train_batch_size", "8", "--max_train_steps", "2", "--checkpointing_steps", "1",
             "--eval_batch_size", "4", "--num_inference_steps", "2", "--push_to_hub", "--hub_model_id",
             "someone/faces", *flags]  # fmt: skip

@@ -11,14 +11,14 @@ from safetensors.torch import load_file
 
 from facediff.checkpointing import list_checkpoints, resolve_checkpoint
 
-from .conftest import OLIVETTI
+from .conftest import FACES
 
 TESTS = Path(__file__).resolve().parent
 TRAIN = TESTS.parent / "train_accelerate.py"
 
 
 def flags(output: Path) -> list[str]:
-    return ["--output_dir", str(output), "--train_data_dir", str(OLIVETTI), "--max_train_samples", "32",
+    return ["--output_dir", str(output), "--train_data_dir", str(FACES), "--max_train_samples", "32",
             "--resolution", "16", "--train_batch_size", "8", "--max_train_steps", "6", "--checkpointing_steps", "2",
             "--save_images_steps", "3", "--eval_batch_size", "2", "--num_inference_steps", "2",
             "--random_flip"]  # fmt: skip

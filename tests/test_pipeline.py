@@ -15,8 +15,7 @@ from PIL import Image
 
 from facediff import FaceDiffPipeline, FaceDiffScheduler
 
-from .conftest import lay_out_as_hub_cache
-from .test_training import folder_state
+from .conftest import folder_state, lay_out_as_hub_cache
 
 STEPS = 8
 

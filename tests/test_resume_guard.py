@@ -14,17 +14,10 @@ from facediff.output_dir import RESUMABLE_SETTINGS, RUN_DEFINING_SETTINGS
 from facediff.training import train
 from facediff.training_args import TrainingArguments, parse_training_arguments
 
-from .conftest import OLIVETTI, UTKFACE
-from .test_training import folder_state, record_batches, tiny_run
+from .conftest import FACES, RGB_FACES, folder_state, record_batches, tiny_run
 
-DATA = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--save_images_steps", "100",
+DATA = ["--train_data_dir", str(FACES), "--max_train_samples", "16", "--save_images_steps", "100",
         "--eval_batch_size", "1", "--num_inference_steps", "1"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,7 @@ CHANGES = [
     (["--train_batch_size", "4"], "--train_batch_size 4 (saved: 8)"),
     (["--learning_rate", "1e-5"], "--learning_rate 1e-05 (saved: 0.0002)"),
     (["--use_ema", "false"], "--use_ema False (saved: True)"),
-    (["--train_data_dir", str(UTKFACE)], f"--train_data_dir {UTKFACE} (saved: {OLIVETTI})"),
+    (["--train_data_dir", str(RGB_FACES)], f"--train_data_dir {RGB_FACES} (saved: {FACES})"),
 ]
 
 
@@ -106,13 +99,13 @@ def test_an_unreadable_training_args_json_is_refused(run):
 
 
 def test_the_same_data_spelt_another_way_is_the_same_run(run, monkeypatch):
-    monkeypatch.chdir(OLIVETTI.parent)  # saved as an absolute path, given now as a relative one with a trailing slash
-    assert resume(run, "--train_data_dir", f"./{OLIVETTI.name}/", "--max_train_steps", "3").global_step == 3
+    monkeypatch.chdir(FACES.parent)  # saved as an absolute path, given now as a relative one with a trailing slash
+    assert resume(run, "--train_data_dir", f"./{FACES.name}/", "--max_train_steps", "3").global_step == 3
 
 
 def test_settings_free_to_change_on_resume_are_accepted(run):
     saved = json.loads((run / "checkpoint-2" / "facediff_state.json").read_text())
-    assert saved["global_step"] == 2 and saved["training_args"]["train_data_dir"] == str(OLIVETTI)
+    assert saved["global_step"] == 2 and saved["training_args"]["train_data_dir"] == str(FACES)
     result = resume(
         run, "--max_train_steps", "5", "--checkpointing_steps", "3", "--checkpoints_total_limit", "1",
         "--eval_batch_size", "2", "--num_inference_steps", "2", "--logging_dir", "other-logs", "--cpu_threads", "1",

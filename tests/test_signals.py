@@ -10,13 +10,13 @@ import pytest
 
 from facediff.checkpointing import checkpoint_step, list_checkpoints
 
-from .conftest import OLIVETTI
+from .conftest import FACES
 
 TRAIN = Path(__file__).resolve().parents[1] / "train_accelerate.py"
 
 
 def flags(output: Path, steps: int) -> list[str]:
-    return ["--output_dir", str(output), "--train_data_dir", str(OLIVETTI), "--max_train_samples", "32",
+    return ["--output_dir", str(output), "--train_data_dir", str(FACES), "--max_train_samples", "32",
             "--resolution", "16", "--train_batch_size", "8", "--max_train_steps", str(steps),
             "--checkpointing_steps", "100000", "--save_images_steps", "100000", "--eval_batch_size", "2",
             "--num_inference_steps", "2"]  # fmt: skip

@@ -1,6 +1,5 @@
 """Training end to end on real faces, exact resume, checkpoints, and what the output folder holds."""
 
-import hashlib
 import json
 import shutil
 
@@ -17,43 +16,21 @@ from facediff.checkpointing import list_checkpoints, resolve_checkpoint
 from facediff.training import NonFiniteLossError, train
 from facediff.training_args import parse_training_arguments
 
-from .conftest import OLIVETTI, UTKFACE
+from .conftest import (
+    FACES,
+    RGB_FACES,
+    TINY_RGB_UNET,
+    UNPATCHED_LOSS,
+    folder_state,
+    inf_gradients_for,
+    record_batches,
+    tiny_run,
+)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run starts Accelerate afresh, as a new process would."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def folder_state(folder) -> dict:
-    """Every entry under `folder` with its modification time, and each file's bytes: equal before and after means
-    nothing was written, overwritten, created or deleted there."""
-    return {
-        str(path.relative_to(folder)): (path.stat().st_mtime_ns, path.read_bytes() if path.is_file() else None)
-        for path in [folder, *folder.rglob("*")]
-    }
-
-
-def tiny_run(output_dir, *flags) -> list[str]:
-    return [
-        "--output_dir", str(output_dir),
-        "--resolution", "16",
-        "--train_batch_size", "8",
-        "--max_train_steps", "4",
-        "--checkpointing_steps", "2",
-        "--save_images_steps", "2",
-        "--eval_batch_size", "4",
-        "--num_inference_steps", "3",
-        "--lr_warmup_steps", "1",
-        *flags,
-    ]  # fmt: skip
-
-
-def test_trains_on_olivetti_faces_end_to_end(tmp_path):
-    output = tmp_path / "olivetti"
-    result = train(parse_training_arguments(tiny_run(output, "--train_data_dir", str(OLIVETTI), "--random_flip")))
+def test_trains_on_gray_faces_end_to_end(tmp_path):
+    output = tmp_path / "faces"
+    result = train(parse_training_arguments(tiny_run(output, "--train_data_dir", str(FACES), "--random_flip")))
     assert result.global_step == 4 and np.isfinite(result.final_loss)
 
     pipeline = FaceDiffPipeline.from_pretrained(output)
@@ -65,21 +42,22 @@ def test_trains_on_olivetti_faces_end_to_end(tmp_path):
     assert Image.open(output / "sample_grid.png").size == (32, 32)  # 4 images of 16x16 as 2x2
     assert (output / "samples" / "step-000002.png").exists()
     assert list((output / "logs").rglob("events.out.tfevents.*"))
-    assert json.loads((output / "training_args.json").read_text())["train_data_dir"] == str(OLIVETTI)
+    assert json.loads((output / "training_args.json").read_text())["train_data_dir"] == str(FACES)
     card = (output / "README.md").read_text()
     assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
-    assert "the image folder `train`, 400 images" in card and "4 steps of AdamW" in card and "wall time" in card
+    assert "the image folder `train`, 40 images" in card and "4 steps of AdamW" in card and "wall time" in card
     assert "{{" not in card and "None" not in card
 
 
-def test_trains_on_rgb_utkface_crops(tmp_path):
-    output = tmp_path / "utk"
-    flags = ["--train_data_dir", str(UTKFACE), "--max_train_samples", "200", "--prediction_type", "v_prediction"]
+def test_trains_on_rgb_jpeg_faces(tmp_path):
+    output = tmp_path / "rgb"
+    flags = ["--train_data_dir", str(RGB_FACES), "--max_train_samples", "20", "--prediction_type", "v_prediction",
+             "--model_config_name_or_path", str(TINY_RGB_UNET)]  # fmt: skip
     train(parse_training_arguments(tiny_run(output, *flags, "--snr_gamma", "5", "--use_ema", "false")))
     pipeline = FaceDiffPipeline.from_pretrained(output)
     assert pipeline.unet.config.in_channels == 3 and pipeline.scheduler.config.prediction_type == "v_prediction"
     assert pipeline(num_inference_steps=2).images[0].mode == "RGB"
-    assert "200 images" in (output / "README.md").read_text()
+    assert "20 images" in (output / "README.md").read_text()
 
 
 def test_trains_on_the_builtin_digits_by_default(tmp_path):
@@ -87,22 +65,6 @@ def test_trains_on_the_builtin_digits_by_default(tmp_path):
     assert args.uses_builtin_digits
     train(args)
     assert "handwritten digits" in (tmp_path / "digits" / "README.md").read_text()
-
-
-UNPATCHED_LOSS = training._diffusion_loss
-
-
-def record_batches(monkeypatch) -> list[str]:
-    """Hash each batch the loss sees, in order."""
-    seen = []
-    original = UNPATCHED_LOSS
-
-    def recording(unet, scheduler, pixels, args):
-        seen.append(hashlib.sha256(pixels.numpy().tobytes()).hexdigest())
-        return original(unet, scheduler, pixels, args)
-
-    monkeypatch.setattr(training, "_diffusion_loss", recording)
-    return seen
 
 
 class Interrupted(Exception):
@@ -125,7 +87,7 @@ def train_until_the_first_checkpoint(monkeypatch, flags: list[str]) -> None:
 
 
 def test_resume_is_exact(tmp_path, monkeypatch):
-    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "40", "--max_train_steps", "8",
+    flags = ["--train_data_dir", str(FACES), "--max_train_samples", "40", "--max_train_steps", "8",
              "--random_flip", "--gradient_accumulation_steps", "2"]  # fmt: skip
     straight_batches = record_batches(monkeypatch)
     train(parse_training_arguments(tiny_run(tmp_path / "straight", *flags)))
@@ -163,7 +125,7 @@ def _nested_equal(a, b) -> bool:
 
 def test_checkpoints_rotate_and_partial_ones_are_never_latest(tmp_path):
     output = tmp_path / "run"
-    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "7",
+    flags = ["--train_data_dir", str(FACES), "--max_train_samples", "16", "--max_train_steps", "7",
              "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--save_images_steps", "100"]  # fmt: skip
     train(parse_training_arguments(tiny_run(output, *flags)))
     assert [path.name for path in list_checkpoints(output)] == ["checkpoint-5", "checkpoint-6"]
@@ -185,9 +147,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
     monkeypatch.setattr(training, "_diffusion_loss", exploding)
     output = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"at step 3.*checkpoint-2, is kept"):
-        train(
-            parse_training_arguments(tiny_run(output, "--train_data_dir", str(OLIVETTI), "--max_train_samples", "16"))
-        )
+        train(parse_training_arguments(tiny_run(output, "--train_data_dir", str(FACES), "--max_train_samples", "16")))
     weights = load_file(output / "checkpoint-2" / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
     assert not (output / "model_index.json").exists()
@@ -206,7 +166,7 @@ def test_non_finite_gradients_stop_with_the_step_and_keep_the_checkpoint(tmp_pat
 
     monkeypatch.setattr(training, "_diffusion_loss", poisoned_gradients)
     output = tmp_path / "run"
-    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_grad_norm", "0"]
+    flags = ["--train_data_dir", str(FACES), "--max_train_samples", "16", "--max_grad_norm", "0"]
     flags += ["--mixed_precision", precision]  # fp16 on a CPU has no gradient scaler to skip the step
     with pytest.raises(NonFiniteLossError, match=r"gradient norm became nan at step 3.*checkpoint-2, is kept"):
         train(parse_training_arguments(tiny_run(output, *flags)))
@@ -216,7 +176,7 @@ def test_non_finite_gradients_stop_with_the_step_and_keep_the_checkpoint(tmp_pat
 
 def test_refuses_an_output_dir_holding_another_run(tmp_path):
     output = tmp_path / "run"
-    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "2"]
+    flags = ["--train_data_dir", str(FACES), "--max_train_samples", "16", "--max_train_steps", "2"]
     train(parse_training_arguments(tiny_run(output, *flags)))
     before = folder_state(output)
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -227,7 +187,7 @@ def test_refuses_an_output_dir_holding_another_run(tmp_path):
 
 
 def test_same_seed_and_flags_give_identical_weights_and_samples(tmp_path):
-    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "2",
+    flags = ["--train_data_dir", str(FACES), "--max_train_samples", "16", "--max_train_steps", "2",
              "--save_images_steps", "1", "--random_flip"]  # fmt: skip
     for name in ("first", "second"):
         train(parse_training_arguments(tiny_run(tmp_path / name, *flags)))
@@ -264,29 +224,11 @@ def with_gradient_scaler(make_accelerator):
     return make
 
 
-def inf_gradients_for(num_steps: int):
-    """Model builder whose conv_in gradient is infinite in the first `num_steps` backward passes."""
-    build_model = training._build_model
-    backward_passes = []
-
-    def build(args, channels):
-        unet = build_model(args, channels)
-
-        def poison(grad):
-            backward_passes.append(1)
-            return grad * float("inf") if len(backward_passes) <= num_steps else grad
-
-        unet.conv_in.weight.register_hook(poison)
-        return unet
-
-    return build
-
-
 def test_gradient_scaler_recovers_from_a_few_overflowing_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "_make_accelerator", with_gradient_scaler(training._make_accelerator))
     monkeypatch.setattr(training, "_build_model", inf_gradients_for(3))
     output = tmp_path / "run"
-    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "6"]
+    flags = ["--train_data_dir", str(FACES), "--max_train_samples", "16", "--max_train_steps", "6"]
     result = train(parse_training_arguments(tiny_run(output, *flags)))
     assert result.global_step == 6
     assert all(torch.isfinite(parameter).all() for parameter in result.unet.parameters())
@@ -297,7 +239,7 @@ def test_persistent_gradient_scaler_skips_stop_training(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "_make_accelerator", with_gradient_scaler(training._make_accelerator))
     monkeypatch.setattr(training, "_build_model", inf_gradients_for(10_000))
     output = tmp_path / "run"
-    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", str(skips + 5),
+    flags = ["--train_data_dir", str(FACES), "--max_train_samples", "16", "--max_train_steps", str(skips + 5),
              "--checkpointing_steps", "10", "--save_images_steps", "100"]  # fmt: skip
     message = rf"gradient norm \(non-finite at every fp16 loss scale for {skips} steps\) became inf"
     with pytest.raises(NonFiniteLossError, match=rf"{message} at step {skips}.*checkpoint-20, is kept"):
@@ -310,7 +252,7 @@ def test_persistent_gradient_scaler_skips_stop_training(tmp_path, monkeypatch):
 
 def test_overwrite_output_dir_replaces_the_old_run_only_once_the_new_one_is_set_up(tmp_path, monkeypatch):
     output = tmp_path / "run"
-    flags = ["--train_data_dir", str(OLIVETTI), "--max_train_samples", "16", "--max_train_steps", "3",
+    flags = ["--train_data_dir", str(FACES), "--max_train_samples", "16", "--max_train_steps", "3",
              "--checkpointing_steps", "1", "--save_images_steps", "1"]  # fmt: skip
     train(parse_training_arguments(tiny_run(output, *flags, "--seed", "1")))
     AcceleratorState._reset_state(reset_partial_state=True)
