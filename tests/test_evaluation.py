@@ -187,10 +187,7 @@ def test_eval_writes_a_table_json_and_the_card_model_index(gray_pipeline, random
     # A card rendered from the template, as training writes it, picks the results up too.
     card = ModelCard.load(write_model_card({"model_name": "model"}, model))
     assert len(card.data.eval_results) == 10 and card.text.count("## Evaluation") == 1
-    assert (
-        "2 samples per row (seed 0, `variance_type` fixed_large) against 4 images of `faces/train`"
-        in card.text
-    )
+    assert "2 samples per row (seed 0, `variance_type` fixed_large) against 4 images of `faces/train`" in card.text
 
     # Results of other weights (the folder retrained or resumed) are not the card's.
     config = model / "unet" / "config.json"
