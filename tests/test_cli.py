@@ -1,7 +1,5 @@
 """The `facediff sample` command and the sampler options it shares with `facediff eval`."""
 
-import subprocess
-import sys
 from importlib.metadata import entry_points
 
 import numpy as np
@@ -72,15 +70,9 @@ def test_compile_option_compiles_the_unet_in_the_mode_for_its_device(gray_pipeli
     assert modes == ["default"]  # CUDA graphs ("reduce-overhead") only on a GPU
 
 
-def test_bad_model_gives_one_line_and_exit_code_2(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "facediff.cli", "sample", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+def test_bad_model_gives_one_line_and_exit_code_2(tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {tmp_path / 'missing'} is neither a folder nor a Hub repo id (user/name): pass a folder written by "
         "save_pretrained or a repo id."
     ]

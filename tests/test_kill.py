@@ -1,5 +1,6 @@
 """SIGKILL at the worst moments: resuming from `latest` always works and ends where an uninterrupted run ends."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -7,21 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from facediff.checkpointing import list_checkpoints, resolve_checkpoint
+from facediff.training import train
+from facediff.training_args import parse_training_arguments
 
-from .conftest import FACES
+from .conftest import FACES, tiny_run
 
-TESTS = Path(__file__).resolve().parent
-TRAIN = TESTS.parent / "train_accelerate.py"
+PROBE = Path(__file__).with_name("kill_probe.py")
 
 
 def flags(output: Path) -> list[str]:
-    return ["--output_dir", str(output), "--train_data_dir", str(FACES), "--max_train_samples", "32",
-            "--resolution", "16", "--train_batch_size", "8", "--max_train_steps", "6", "--checkpointing_steps", "2",
-            "--save_images_steps", "3", "--eval_batch_size", "2", "--num_inference_steps", "2",
-            "--random_flip"]  # fmt: skip
+    """5 steps of 8 faces, 4 batches an epoch: checkpoints at steps 2 and 4 and a sample grid at step 3, so that a
+    run reaches every kill point below."""
+    return tiny_run(output, "--train_data_dir", str(FACES), "--max_train_samples", "32", "--max_train_steps", "5",
+                    "--save_images_steps", "3", "--eval_batch_size", "2", "--num_inference_steps", "2",
+                    "--random_flip")  # fmt: skip
 
 
 def final_weights(output: Path) -> dict[str, torch.Tensor]:
@@ -30,8 +34,10 @@ def final_weights(output: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """Trained in this process: on a CPU the same flags give the same weights, bit for bit, in any process."""
     output = tmp_path_factory.mktemp("uninterrupted") / "run"
-    subprocess.run([sys.executable, str(TRAIN), *flags(output)], check=True, capture_output=True, timeout=300)
+    train(parse_training_arguments(flags(output)))
+    AcceleratorState._reset_state(reset_partial_state=True)
     return final_weights(output)
 
 
@@ -44,26 +50,28 @@ KILL_POINTS = [
 ]
 
 
-@pytest.mark.parametrize("point,nth,latest", KILL_POINTS)
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, point, nth, latest):
-    output = tmp_path / "run"
-    killed = subprocess.run(
-        [sys.executable, str(TESTS / "kill_probe.py"), point, str(nth), *flags(output)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory) -> tuple[Path, dict[str, int], str]:
+    """A run killed at each point, each a process of its own (SIGKILL is the point), all forked from one probe that
+    imports the packages once: the folder holding each run's output folder, each run's exit code, the probe's stderr."""
+    root = tmp_path_factory.mktemp("killed")
+    points = [f"{point}:{nth}" for point, nth, _ in KILL_POINTS]
+    probe = subprocess.run(
+        [sys.executable, str(PROBE), *points, "--", *flags(root)], capture_output=True, text=True, timeout=300
     )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert probe.returncode == 0, probe.stderr[-4000:]
+    return root, json.loads(probe.stdout.splitlines()[-1]), probe.stderr
+
+
+@pytest.mark.parametrize("point,nth,latest", KILL_POINTS)
+def test_killed_run_resumes_to_the_uninterrupted_result(killed_runs, uninterrupted, point, nth, latest):
+    root, exit_codes, probe_stderr = killed_runs
+    output = root / point
+    assert exit_codes[point] == -signal.SIGKILL, probe_stderr[-4000:]
     assert resolve_checkpoint("latest", output) == output / latest
     assert all(path.name.startswith("checkpoint-") for path in list_checkpoints(output))
 
-    resumed = subprocess.run(
-        [sys.executable, str(TRAIN), *flags(output), "--resume_from_checkpoint", "latest"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    train(parse_training_arguments([*flags(output), "--resume_from_checkpoint", "latest"]))
     weights = final_weights(output)
     assert weights.keys() == uninterrupted.keys()
     assert all(torch.equal(weights[name], uninterrupted[name]) for name in weights)

@@ -14,7 +14,7 @@ from facediff.output_dir import RESUMABLE_SETTINGS, RUN_DEFINING_SETTINGS
 from facediff.training import train
 from facediff.training_args import TrainingArguments, parse_training_arguments
 
-from .conftest import FACES, RGB_FACES, folder_state, record_batches, tiny_run
+from .conftest import FACES, RGB_FACES, TINY_GRAY_UNET, folder_state, record_batches, tiny_run
 
 DATA = ["--train_data_dir", str(FACES), "--max_train_samples", "16", "--save_images_steps", "100",
         "--eval_batch_size", "1", "--num_inference_steps", "1"]  # fmt: skip
@@ -141,7 +141,8 @@ def test_a_checkpoint_name_is_found_in_the_output_dir(run, tmp_path, monkeypatch
 def test_defaults_spelt_out_or_left_out_are_the_same_run(tmp_path):
     # The built-in digits: trained at 16 pixels and 1 channel without saying so.
     output = tmp_path / "digits"
-    flags = ["--output_dir", str(output), "--max_train_samples", "16", "--train_batch_size", "8",
+    flags = ["--output_dir", str(output), "--model_config_name_or_path", str(TINY_GRAY_UNET),
+             "--max_train_samples", "16", "--train_batch_size", "8",
              "--checkpointing_steps", "1", "--save_images_steps", "100", "--eval_batch_size", "1",
              "--num_inference_steps", "1", "--lr_warmup_steps", "1"]  # fmt: skip
     spelt_out = ["--resolution", "16", "--num_channels", "1"]
