@@ -98,7 +98,11 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     if card is not None:
         load_card(model_folder)  # a card that cannot be refreshed fails now, not after the evaluation
     step_counts = list(dict.fromkeys(args.steps))  # a repeated count would be sampled again and reported twice
-    inception = None if args.no_inception else load_fid_inception(args.inception_weights)
+    try:
+        inception = None if args.no_inception else load_fid_inception(args.inception_weights)
+    except (FileNotFoundError, ValueError) as error:
+        given = f"--inception-weights {error}" if args.inception_weights is not None else str(error)
+        raise ValueError(f"{given}; --inception-weights PATH passes it, --no-inception skips FID and KID.") from error
     pipeline = load_sampler(args)
     _check_steps(pipeline, step_counts)  # before the reference is read
     unet_config = pipeline.unet.config

@@ -60,13 +60,12 @@ def load_fid_inception(weights_path: str | os.PathLike | None = None) -> FIDInce
     """
     checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
     how_to_provide = (
-        f"download {INCEPTION_WEIGHTS_URL} and pass --inception-weights PATH or put it in {checkpoints}/ "
-        "(torch hub's cache), or pass --no-inception to skip FID and KID."
+        f"download {INCEPTION_WEIGHTS_URL} and pass its path or put it in {checkpoints}/ (torch hub's cache)"
     )
     if weights_path is not None:
         path = Path(weights_path)
         if not path.is_file():
-            raise FileNotFoundError(f"--inception-weights {weights_path} is not a file: {how_to_provide}")
+            raise FileNotFoundError(f"{weights_path} is not a file: {how_to_provide}")
     else:
         path = next((checkpoints / name for name in INCEPTION_WEIGHTS_NAMES if (checkpoints / name).is_file()), None)
         if path is None:

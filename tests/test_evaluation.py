@@ -207,6 +207,7 @@ def test_missing_inception_weights_say_how_to_provide_them(gray_pipeline, tmp_pa
     assert main([*flags, "--inception-weights", str(tmp_path / "missing.pth")]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: --inception-weights {tmp_path / 'missing.pth'} is not a file: download ")
+    assert line.endswith("; --inception-weights PATH passes it, --no-inception skips FID and KID.")
 
 
 def test_empty_inception_weights_file_gives_one_line(gray_pipeline, tmp_path, capsys):
@@ -215,7 +216,8 @@ def test_empty_inception_weights_file_gives_one_line(gray_pipeline, tmp_path, ca
     flags = ["eval", str(tmp_path / "model"), "--reference", str(FACES)]
     assert main([*flags, "--inception-weights", str(tmp_path / "empty.pth")]) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"error: {tmp_path / 'empty.pth'} is not the FID Inception weights (EOFError): download ")
+    empty = tmp_path / "empty.pth"
+    assert line.startswith(f"error: --inception-weights {empty} is not the FID Inception weights (EOFError): download ")
     assert not (tmp_path / "model" / EVAL_RESULTS_NAME).exists()
 
 
