@@ -25,7 +25,7 @@ import time
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
-from model_flags import add_model_flags
+from model_flags import add_model_flags, describe_cpu
 
 from facediff import FaceDiffPipeline, FaceDiffScheduler, build_unet
 from facediff.allocator import keep_freed_memory
@@ -108,6 +108,12 @@ def build_variants(unet, compile_unet: bool) -> dict:
         "facediff, memory_format=contiguous": run_facediff(
             quiet(FaceDiffPipeline(unet=copy.deepcopy(unet), scheduler=FaceDiffScheduler())), torch.contiguous_format
         ),
+        # The UNet in bfloat16, the chain in float32: what `facediff sample --dtype auto` picks on a CPU with AMX or
+        # AVX512-BF16 (on others bfloat16 is emulated: slower).
+        "facediff, bfloat16 UNet (channels_last)": run_facediff(
+            quiet(FaceDiffPipeline(unet=copy.deepcopy(unet).to(torch.bfloat16), scheduler=FaceDiffScheduler())),
+            torch.channels_last,
+        ),
     }
     compile_seconds = None
     if compile_unet:
@@ -163,7 +169,8 @@ def main():
     convolution_share, convolution_rate = convolution_profile(unet, args.batch_size)
 
     print(
-        f"preset {args.preset}, {args.resolution}px, {args.channels} channel(s), batch {args.batch_size}, "
+        f"{describe_cpu()}\npreset {args.preset}, {args.resolution}px, {args.channels} channel(s), "
+        f"batch {args.batch_size}, "
         f"{args.steps} steps per run, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"float32 matmul: {ceiling:.0f} GFLOP/s; allocator: {allocator}"
     )

@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from model_flags import add_model_flags
+from model_flags import add_model_flags, describe_cpu
 
 
 def run_variant(variant: str, preset: str, resolution: int, channels: int, batch_size: int, steps: int, reps: int):
@@ -60,7 +60,9 @@ def run_variant(variant: str, preset: str, resolution: int, channels: int, batch
         args = TrainingArguments(output_dir="unused")
 
         def loss_fn():
-            return _diffusion_loss(unet, scheduler, pixels, args)
+            # As Accelerate runs a --mixed_precision bf16 step: the forward pass under autocast, the weights float32.
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "facediff-bf16"):
+                return _diffusion_loss(unet, scheduler, pixels, args)
 
     def step():
         loss = loss_fn()
@@ -98,7 +100,7 @@ def main():
         return
 
     # Alternate the variants over several rounds so that drift in the machine's speed hits both alike.
-    variants = ("diffusers", "facediff", "facediff-kept", "diffusers-launched")
+    variants = ("diffusers", "facediff", "facediff-kept", "facediff-bf16", "diffusers-launched")
     results = {variant: {"rates": [], "peak_mb": 0.0, "faults": []} for variant in variants}
     for _ in range(args.rounds):
         for variant in results:
@@ -111,6 +113,7 @@ def main():
             results[variant]["peak_mb"] = max(results[variant]["peak_mb"], measured["peak_mb"])
             results[variant]["faults"].append(measured["faults_per_step"])
 
+    print(describe_cpu())
     print(f"preset {args.preset}, {args.resolution}px, {args.channels} channel(s), batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
     print("| training step | images/s (median) | spread | peak RSS | page faults/step | vs stock |")
@@ -120,6 +123,7 @@ def main():
         "diffusers": "stock diffusers loop, same threads",
         "facediff": "facediff",
         "facediff-kept": "facediff, freed memory kept (`keep_freed_memory`)",
+        "facediff-bf16": "facediff, bfloat16 autocast (`--mixed_precision bf16`)",
         "diffusers-launched": "stock loop as `accelerate launch` runs it on CPU (1 thread)",
     }
     for variant, label in labels.items():

@@ -20,6 +20,7 @@ from .hub import FaceDiffPipeline, check_model_location
 from .model_card import EVAL_RESULTS_NAME, evaluation_table, load_card, model_digest, refresh_card_evaluation
 from .output_dir import check_writable_file
 from .pipelines import FaceDiffScheduler
+from .precision import auto_dtype
 from .sample_grids import save_grid
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,11 +54,12 @@ def sample(args: argparse.Namespace) -> Path:
             f"--out {out} already holds samples ({names}): choose a new or empty --out, or pass --overwrite to "
             "replace them."
         )
-    pipeline = load_sampler(args)
+    pipeline, precision_note = load_sampler(args)
     _check_steps(pipeline, [args.steps])
     for path in earlier_samples:
         path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    print(precision_note, file=sys.stderr)
     images = []
     batches = draw(pipeline, args.num_images, args.steps, args.seed, args.batch_size, "pil", args.memory_format)
     for indices, batch in batches:
@@ -103,7 +105,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     except (FileNotFoundError, ValueError) as error:
         given = f"--inception-weights {error}" if args.inception_weights is not None else str(error)
         raise ValueError(f"{given}; --inception-weights PATH passes it, --no-inception skips FID and KID.") from error
-    pipeline = load_sampler(args)
+    pipeline, precision_note = load_sampler(args)
     _check_steps(pipeline, step_counts)  # before the reference is read
     unet_config = pipeline.unet.config
     try:
@@ -113,6 +115,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     except ImageSourceError as error:
         raise ValueError(error.naming(location="--reference")) from error
     evaluator = SampleEvaluator(reference, inception, args.batch_size, device, args.seed)
+    print(precision_note, file=sys.stderr)
     rows = []
     for steps in step_counts:
         start = time.perf_counter()
@@ -147,9 +150,10 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     return results, out, refreshed
 
 
-def load_sampler(args: argparse.Namespace) -> FaceDiffPipeline:
+def load_sampler(args: argparse.Namespace) -> tuple[FaceDiffPipeline, str]:
     """
-    The pipeline of `args.model` on its device, with the sampler options applied.
+    The pipeline of `args.model` on its device and in its precision, with the sampler options applied, and a line
+    that says which precision and why.
 
     Args:
         args (`argparse.Namespace`):
@@ -157,12 +161,17 @@ def load_sampler(args: argparse.Namespace) -> FaceDiffPipeline:
             saved ones), `threads`, `memory_format` and `compile`.
 
     Returns:
-        `FaceDiffPipeline`
+        `tuple[FaceDiffPipeline, str]`
     """
     device = _device(args)  # a bad --device fails before the model is read
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype]).to(device)
+    if args.dtype == "auto":
+        dtype, reason = auto_dtype(device)
+        precision_note = f"Sampling in {reason}; --dtype float32 or bfloat16 overrides."
+    else:
+        dtype, precision_note = DTYPES[args.dtype], f"Sampling in {args.dtype} (--dtype)."
+    pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
     scheduler_options = {"variance_type": args.variance_type, "eta": args.eta, "clip_sample": args.clip_sample}
     scheduler_options = {name: value for name, value in scheduler_options.items() if value is not None}
     if scheduler_options:
@@ -171,7 +180,7 @@ def load_sampler(args: argparse.Namespace) -> FaceDiffPipeline:
         # On a GPU, CUDA graphs ("reduce-overhead") also remove the launch gaps between a step's many small kernels.
         mode = "reduce-overhead" if pipeline.device.type == "cuda" else "default"
         pipeline.unet = torch.compile(pipeline.unet, mode=mode)
-    return pipeline
+    return pipeline, precision_note
 
 
 def draw(
@@ -228,7 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     # What both commands sample with.
     sampler_options = argparse.ArgumentParser(add_help=False)
     sampler_options.add_argument("--device", default=None, help="cpu, cuda, mps, ...; default: cuda when available")
-    sampler_options.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    sampler_options.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="the UNet's precision (the sampling chain stays float32); auto: bfloat16 where the CPU or GPU computes it "
+        "natively (AMX, AVX512-BF16, recent GPUs), else float32",
+    )
     sampler_options.add_argument(
         "--variance-type", choices=["fixed_large", "fixed_small"], default=None, help="default: the saved scheduler's"
     )

@@ -62,7 +62,7 @@ class FaceDiffPipeline(DiffusionPipeline):
                 Reverse steps; `None` runs the full chain of T steps, fewer respace it.
             output_type (`str`, defaults to `"pil"`):
                 `"pil"` (mode "L" for one channel, "RGB" for three), `"np"` (N, H, W, C in [0, 1]) or `"pt"`
-                (N, C, H, W in [0, 1]).
+                (N, C, H, W in [0, 1]; float32 under a bfloat16 or float16 UNet, whose chain runs in float32).
             return_dict (`bool`, defaults to `True`):
                 Return an [`ImagePipelineOutput`] rather than a tuple.
             memory_format (`torch.memory_format`, *optional*):
@@ -87,7 +87,11 @@ class FaceDiffPipeline(DiffusionPipeline):
         device = self._execution_device
         if memory_format is None:
             memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        # The chain stays in float32 under a half-precision UNet: each step adds terms scaled by betas down to 1e-4,
+        # which bfloat16's 8-bit mantissa would lose. Only the UNet's input and output are cast.
+        unet_dtype = self.unet.dtype
+        chain_dtype = torch.float32 if unet_dtype in (torch.bfloat16, torch.float16) else unet_dtype
+        image = randn_tensor(shape, generator=generator, device=device, dtype=chain_dtype)
         image = image.contiguous(memory_format=memory_format)
 
         if num_inference_steps is None:  # the full chain, also for a diffusers scheduler swapped in
@@ -98,7 +102,7 @@ class FaceDiffPipeline(DiffusionPipeline):
         timesteps_on_device = self.scheduler.timesteps.to(device)
         with _unet_layout(self.unet, memory_format):
             for t, t_on_device in zip(self.progress_bar(self.scheduler.timesteps), timesteps_on_device, strict=True):
-                model_output = self.unet(image, t_on_device).sample
+                model_output = self.unet(image.to(unet_dtype), t_on_device).sample.to(chain_dtype)
                 image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
 
         image = (image / 2 + 0.5).clamp(0, 1).contiguous()

@@ -21,6 +21,7 @@ from accelerate.state import AcceleratorState  # noqa: E402
 from diffusers import UNet2DModel  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+import facediff.precision  # noqa: E402
 import facediff.training  # noqa: E402
 from facediff import FaceDiffPipeline, FaceDiffScheduler  # noqa: E402
 
@@ -36,6 +37,13 @@ def fresh_accelerate_state():
     """Each in-process training run starts Accelerate afresh, as a new process would."""
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(autouse=True)
+def float32_by_default(monkeypatch):
+    """`--dtype auto` picks float32 in every test, whatever this machine's CPU computes natively, so that images
+    compare alike on every machine; tests of the choice itself set the answer they need."""
+    monkeypatch.setattr(facediff.precision, "CPU_BF16_CHECKS", ())
 
 
 @pytest.fixture(autouse=True)

@@ -74,10 +74,21 @@ def test_unknown_output_type_is_refused(gray_pipeline):
         gray_pipeline(num_inference_steps=1, output_type="jpeg")
 
 
-def test_runs_in_the_unets_dtype(gray_pipeline):
+def test_a_bfloat16_unet_computes_in_bfloat16_on_a_float32_chain(gray_pipeline, monkeypatch):
     gray_pipeline.to(torch.bfloat16)
+    seen = []
+    forward = type(gray_pipeline.unet).forward
+
+    def recording(unet, sample, timestep, *args, **kwargs):
+        seen.append(sample.dtype)
+        output = forward(unet, sample, timestep, *args, **kwargs)
+        seen.append(output.sample.dtype)
+        return output
+
+    monkeypatch.setattr(type(gray_pipeline.unet), "forward", recording)
     images = sample(gray_pipeline, output_type="pt")
-    assert images.dtype == torch.bfloat16
+    assert set(seen) == {torch.bfloat16} and len(seen) == 2 * STEPS
+    assert images.dtype == torch.float32 and gray_pipeline.unet.dtype == torch.bfloat16
 
 
 def test_save_and_load_round_trip(gray_pipeline, tmp_path):

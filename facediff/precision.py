@@ -1,0 +1,50 @@
+"""The precision that computes fastest on a device: bfloat16 where the hardware computes it natively, float32
+elsewhere (where bfloat16 is emulated, and slower than float32)."""
+
+import torch
+
+# What torch reports of the CPU's native bfloat16 units: AMX tiles (Sapphire Rapids and later) and AVX512-BF16.
+CPU_BF16_CHECKS = (
+    ("AMX", getattr(torch.cpu, "_is_amx_tile_supported", None)),
+    ("AVX512-BF16", getattr(torch.cpu, "_is_avx512_bf16_supported", None)),
+)
+
+
+def native_bf16(device: str | torch.device) -> tuple[bool, str]:
+    """
+    Whether `device` computes bfloat16 natively, and what says so.
+
+    Args:
+        device (`str` or `torch.device`):
+            A CPU or an accelerator.
+
+    Returns:
+        `tuple[bool, str]`: the answer, and its reason in a few words.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"{name} computes bfloat16 natively"
+        return False, f"{name} has no native bfloat16"
+    if device.type == "cpu":
+        units = [name for name, check in CPU_BF16_CHECKS if check is not None and check()]
+        if units:
+            return True, f"this CPU computes bfloat16 natively ({', '.join(units)})"
+        return False, "this CPU has no native bfloat16 (no AMX or AVX512-BF16), where float32 is faster"
+    return False, f"bfloat16 is not chosen automatically on {device.type}"
+
+
+def auto_dtype(device: str | torch.device) -> tuple[torch.dtype, str]:
+    """
+    bfloat16 where `device` computes it natively, float32 elsewhere, with one line that says which and why.
+
+    Args:
+        device (`str` or `torch.device`):
+            Where the model runs.
+
+    Returns:
+        `tuple[torch.dtype, str]`
+    """
+    native, reason = native_bf16(device)
+    return (torch.bfloat16, f"bfloat16: {reason}") if native else (torch.float32, f"float32: {reason}")
