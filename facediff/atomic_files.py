@@ -69,3 +69,23 @@ def replace_entries(staging: Path, target: Path, last: str | None = None) -> Non
             os.replace(target / name, backup / name)
         os.replace(staging / name, target / name)
     shutil.rmtree(backup)
+
+
+def atomic_copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """
+    Put a copy of the file `source` at `destination`, atomically (`atomic_write`): a hard link where the file system
+    allows, which copies no bytes (facediff replaces its files and never changes one in place, so neither name sees
+    a later write to the other), else a copy.
+
+    Args:
+        source (`str` or `os.PathLike`):
+            The file to copy.
+        destination (`str` or `os.PathLike`):
+            Where the copy goes; replaced if it exists.
+    """
+    with atomic_write(destination) as partial:
+        partial.unlink(missing_ok=True)  # left by a process killed here: os.link does not overwrite
+        try:
+            os.link(source, partial)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(source, partial)

@@ -10,11 +10,13 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate import Accelerator
+
+from .atomic_files import atomic_copy
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "facediff_state.json"
@@ -85,7 +87,12 @@ def checkpoint_training_args(checkpoint: Path) -> dict | None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, global_step: int, total_limit: int | None, training_args: dict
+    accelerator: Accelerator,
+    output_dir: Path,
+    global_step: int,
+    total_limit: int | None,
+    training_args: dict,
+    run_files: Sequence[Path] = (),
 ) -> Path:
     """
     Save everything needed to resume exactly (weights, optimizer, registered objects such as the LR schedule and
@@ -102,6 +109,9 @@ def save_checkpoint(
             Keep only this many newest checkpoints.
         training_args (`dict`):
             The run's arguments, kept in the checkpoint so that resuming with different settings can be refused.
+        run_files (`Sequence[Path]`, *optional*):
+            Files of the run that a resume must find as they are at this step (the best evaluation's weights), kept
+            in the checkpoint under their names.
 
     Returns:
         `Path`: the checkpoint.
@@ -120,6 +130,8 @@ def save_checkpoint(
             accelerator.save_state(str(staging))
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                for path in run_files:
+                    atomic_copy(path, staging / path.name)
                 state = {"global_step": global_step, "training_args": training_args}
                 (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
                 _sync_to_disk(staging)

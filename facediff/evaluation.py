@@ -294,6 +294,9 @@ class SampleEvaluator:
             Where `inception` runs.
         seed (`int`, defaults to 0):
             Draws KID's subsets.
+        count_mirrored_copies (`bool`, defaults to `False`):
+            Count a sample whose mirror image is a copy as memorised too: for a model trained with random flips,
+            which learns the mirrored faces as well.
     """
 
     def __init__(
@@ -303,6 +306,7 @@ class SampleEvaluator:
         batch_size: int = 64,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        count_mirrored_copies: bool = False,
     ):
         if len(reference) < 2:
             raise ValueError(f"The reference set needs at least 2 images, got {len(reference)}.")
@@ -311,6 +315,7 @@ class SampleEvaluator:
         self.batch_size = batch_size
         self.device = device
         self.seed = seed
+        self.count_mirrored_copies = count_mirrored_copies
         self.pixel_pca = PixelPCA.fit(reference)
         self.reference_pca_features = extract_features(self.pixel_pca, reference)
         self.reference_inception_features = (
@@ -349,6 +354,8 @@ class SampleEvaluator:
             self.reference_pca_features, pca_features, self.seed
         )
         copies = nearest_distances(samples, self.reference) < self.memorisation_threshold
+        if self.count_mirrored_copies:
+            copies |= nearest_distances(samples.flip(-1), self.reference) < self.memorisation_threshold
         scores["memorised_share"] = copies.double().mean().item()
         return scores
 

@@ -22,6 +22,8 @@ from .pipelines.scheduling_facediff import FaceDiffScheduler
 # The keyword arguments that say where a folder or Hub repo is and how to fetch it, as every from_pretrained takes.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 # The repo id in a model card's usage lines: `FaceDiffPipeline.from_pretrained("...")` and the remote-code one.
+# The images a card written by training shows: the sample grid, and the evaluations during training (--eval_steps).
+CARD_IMAGES = ("sample_grid.png", "eval_curve.png")
 USAGE_REPO_ID = re.compile(r'((?:FaceDiffPipeline|DiffusionPipeline)\.from_pretrained\(")[^"]*(")')
 
 
@@ -114,7 +116,7 @@ class FaceDiffPipeline(pipeline_facediff.FaceDiffPipeline):
                 The folder to write; created if missing.
             push_to_hub (`bool`, defaults to `False`):
                 Also upload the saved pipeline with [`FaceDiffPipeline.push_to_hub`], with the folder's model card and
-                sample grid; `repo_id` defaults to the folder's name.
+                its images; `repo_id` defaults to the folder's name.
             kwargs:
                 Passed to [`~DiffusionPipeline.save_pretrained`] (`safe_serialization`, `variant`, ...) or, with
                 `push_to_hub`, to `push_to_hub` (`repo_id`, `private`, `token`, `commit_message`, `create_pr`).
@@ -147,7 +149,8 @@ class FaceDiffPipeline(pipeline_facediff.FaceDiffPipeline):
     ) -> CommitInfo:
         """
         Upload the pipeline as [`FaceDiffPipeline.save_pretrained`] writes it (weights, configs, the code), with the
-        model card `README.md` and `sample_grid.png` of `card_folder` when it has them, in one commit; nothing else.
+        model card `README.md` and the images it shows (`CARD_IMAGES`) of `card_folder` when it has them, in one
+        commit; nothing else.
         A pipeline without a card (built in memory) gets one rendered from its configs with facediff's template.
 
         Args:
@@ -166,7 +169,7 @@ class FaceDiffPipeline(pipeline_facediff.FaceDiffPipeline):
             variant (`str`, *optional*):
                 Upload the weights as `diffusion_pytorch_model.<variant>.safetensors`, e.g. `"fp16"`.
             card_folder (`str` or `os.PathLike`, *optional*):
-                Where the card and sample grid are; default: the folder this pipeline was loaded from.
+                Where the card and its images are; default: the folder this pipeline was loaded from.
 
         Returns:
             `huggingface_hub.CommitInfo`
@@ -184,8 +187,9 @@ class FaceDiffPipeline(pipeline_facediff.FaceDiffPipeline):
                 (folder / "README.md").write_text(USAGE_REPO_ID.sub(rf"\g<1>{repo_id}\g<2>", card.read_text()))
             else:
                 pipeline_model_card(self, repo_id).save(folder / "README.md")
-            if card_folder and (card_folder / "sample_grid.png").is_file():
-                shutil.copyfile(card_folder / "sample_grid.png", folder / "sample_grid.png")
+            for image in CARD_IMAGES:
+                if card_folder and (card_folder / image).is_file():
+                    shutil.copyfile(card_folder / image, folder / image)
             files = sorted(path for path in folder.rglob("*") if path.is_file())
             operations = [CommitOperationAdd(str(path.relative_to(folder)), str(path)) for path in files]
             return api.create_commit(

@@ -31,6 +31,9 @@ EVAL_METRICS = (
     ("pixel_pca_kid_mean", "pixel-pca-kid", "pixel-PCA KID"),
     ("memorised_share", "memorised-share", "memorised share"),
 )
+# The During training table shows at most this many evaluations (evenly spread, with the last and the saved one);
+# the curve shows them all.
+MAX_TRAINING_EVALUATION_ROWS = 20
 
 
 def template_path() -> Path:
@@ -56,8 +59,11 @@ def render_model_card(facts: dict) -> ModelCard:
         facts (`dict`):
             What the template shows: `model_name`, `repo_id`, `dataset_description`, `dataset_id` (a Hub dataset,
             or None), `license` (or None), `resolution`, `channels`, scheduler and training settings, `hardware`,
-            `wall_time`, `sample_grid` (a relative path, or None) and, when evaluated, `evaluation_setup`,
-            `evaluation_table` and `eval_results` (a list of `huggingface_hub.EvalResult`): see `evaluation_facts`.
+            `wall_time`, `sample_grid` (a relative path, or None), `best_eval_step` (the step whose weights
+            `--save_best` kept, or None); when evaluated during training, `training_evaluation_setup`,
+            `training_evaluation_table` and `eval_curve` (see `training_evaluation_facts`); when evaluated by
+            `facediff eval`, `evaluation_setup`, `evaluation_table` and `eval_results` (a list of
+            `huggingface_hub.EvalResult`): see `evaluation_facts`.
 
     Returns:
         `huggingface_hub.ModelCard`
@@ -342,6 +348,84 @@ def training_card_facts(args, accelerator, unet, scheduler, global_step, channel
         "sample_grid_caption": f"{args.eval_batch_size} samples, seed {args.seed}, "
         f"{args.num_inference_steps} respaced steps.",
     }
+
+
+def training_evaluation_facts(
+    args, evaluations: list[dict], num_training_images: int, eval_curve: str, best_step: int | None
+) -> dict:
+    """
+    What the card's During training section says: `training_evaluation_setup`, `training_evaluation_table` and
+    `eval_curve`.
+
+    Args:
+        args (`TrainingArguments`):
+            The run's settings (`seed`, `use_ema`, `random_flip`).
+        evaluations (`list[dict]`):
+            The run's evaluations, as `eval_log.jsonl` holds them; at least one.
+        num_training_images (`int`):
+            The training set's size.
+        eval_curve (`str`):
+            The curve's PNG, relative to the card.
+        best_step (`int`, *optional*):
+            The evaluation whose weights were saved (`--save_best`).
+
+    Returns:
+        `dict`
+    """
+    from .training_evaluation import MAX_REFERENCE_IMAGES, MEMORISATION_WARNING_SHARE
+
+    sample_settings = {(record["num_images"], record["inference_steps"]) for record in evaluations}
+    varied = len(sample_settings) > 1  # a resume changed --eval_num_images or --eval_inference_steps
+    weights = "EMA" if args.use_ema else "trained"
+    if varied:
+        samples = (
+            f"of samples drawn with seeds from {args.seed} ({weights} weights; how many, and in how many steps, below)"
+        )
+    else:
+        ((num_images, steps),) = sample_settings
+        seeds = f"seeds {args.seed} to {args.seed + num_images - 1}"
+        samples = f"of {num_images} samples ({seeds}, {steps} respaced steps, {weights} weights)"
+    reference = f"the {num_training_images} training images"
+    if num_training_images > MAX_REFERENCE_IMAGES:
+        reference = f"{MAX_REFERENCE_IMAGES} of the {num_training_images} training images (a seeded subset)"
+    copies = "a training image or its mirror image" if args.random_flip else "a training image"
+    setup = (
+        f"{len(evaluations)} evaluation{'s' if len(evaluations) != 1 else ''} while training, each {samples} "
+        f"scored against {reference} as `facediff eval --no-inception` scores samples: "
+        f"pixel-PCA FD and KID, and the share of samples that copy {copies}. Against the training images a low KID "
+        "means samples like the training faces, which copies are too: read it beside the memorised share."
+    )
+    if best_step is not None:
+        setup += (
+            f" The saved weights are those of step {best_step}: the lowest pixel-PCA KID among the evaluations that "
+            f"copy no more than {MEMORISATION_WARNING_SHARE:.0%} of their samples (`--save_best`)."
+        )
+    return {
+        "training_evaluation_setup": setup,
+        "training_evaluation_table": _training_evaluation_table(evaluations, best_step, varied),
+        "eval_curve": eval_curve,
+    }
+
+
+def _training_evaluation_table(evaluations: list[dict], best_step: int | None, with_sample_settings: bool) -> str:
+    shown = evaluations
+    if len(evaluations) > MAX_TRAINING_EVALUATION_ROWS:
+        last = len(evaluations) - 1
+        picks = {round(i * last / (MAX_TRAINING_EVALUATION_ROWS - 2)) for i in range(MAX_TRAINING_EVALUATION_ROWS - 1)}
+        picks |= {index for index, record in enumerate(evaluations) if record["step"] == best_step}
+        shown = [evaluations[index] for index in sorted(picks)]
+    header = ["step", *(["samples", "sampling steps"] if with_sample_settings else []), "pixel-PCA FD"]
+    header += ["pixel-PCA KID", "memorised"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for record in shown:
+        cells = [f"**{record['step']}** (saved)" if record["step"] == best_step else str(record["step"])]
+        if with_sample_settings:
+            cells += [str(record["num_images"]), str(record["inference_steps"])]
+        cells += [f"{record['pixel_pca_fd']:.3f}", _kid(record, "pixel_pca_kid"), f"{record['memorised_share']:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(shown) < len(evaluations):
+        lines.append(f"\n{len(shown)} of the {len(evaluations)} evaluations; the curve above shows them all.")
+    return "\n".join(lines)
 
 
 def _cpu_name() -> str:

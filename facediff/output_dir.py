@@ -13,7 +13,7 @@ RUN_MARKERS = ("model_index.json", "training_args.json")
 # of the old run is taken for the new one's (its training_args.json would make the new run's resume look foreign).
 RUN_OUTPUTS = (
     *RUN_MARKERS, "unet", "scheduler", "pipeline_facediff.py", "scheduling_facediff.py", "README.md",
-    "sample_grid.png", "samples",
+    "sample_grid.png", "samples", "eval_log.jsonl", "eval_curve.png", "best_eval.safetensors",
 )  # fmt: skip
 
 # A resume must not change what defines the run: what the model is, what it learns from and in which order, and how
@@ -33,11 +33,13 @@ RUN_DEFINING_SETTINGS = (
 # Settings that may name a local path: `data/train`, `./data/train/` and `/abs/data/train` are the same data.
 PATH_SETTINGS = ("dataset_name", "train_data_dir", "model_config_name_or_path")
 # A resume may change how long the run goes on (the LR schedule then stretches to the new length), how often it
-# saves, samples and logs, where it writes, the hardware and speed settings, and the two remedies for a diverging
-# run that do take effect on resume: --mixed_precision and --max_grad_norm.
+# saves, samples, evaluates and logs, which weights it keeps at the end (--save_best), where it writes, the hardware
+# and speed settings, and the two remedies for a diverging run that do take effect on resume: --mixed_precision and
+# --max_grad_norm.
 RESUMABLE_SETTINGS = (
     "num_epochs", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
-    "save_images_steps", "eval_batch_size", "num_inference_steps", "logger", "logging_dir", "push_to_hub",
+    "save_images_steps", "eval_batch_size", "num_inference_steps", "eval_steps", "eval_num_images",
+    "eval_inference_steps", "save_best", "logger", "logging_dir", "push_to_hub",
     "hub_model_id", "hub_private_repo", "output_dir", "overwrite_output_dir", "dataloader_num_workers",
     "preprocessing_num_workers", "cpu_threads", "cache_dir", "mixed_precision", "max_grad_norm",
 )  # fmt: skip

@@ -2,6 +2,8 @@
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,16 +47,31 @@ def sample_images(
     Returns:
         `list[PIL.Image.Image]`
     """
+    with sampling_weights(unet, ema):
+        pipeline = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler.from_config(scheduler.config))
+        pipeline.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return pipeline(batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps).images
+
+
+@contextmanager
+def sampling_weights(unet: UNet2DModel, ema: EMAModel | None = None) -> Iterator[UNet2DModel]:
+    """
+    `unet` in eval mode, holding the EMA weights when given, for the block; its own weights and training mode after.
+
+    Args:
+        unet (`UNet2DModel`):
+            The (unwrapped) model being trained.
+        ema (`EMAModel`, *optional*):
+            Averaged weights to swap in.
+    """
     was_training = unet.training
     unet.eval()
     if ema is not None:
         ema.store(unet.parameters())
         ema.copy_to(unet.parameters())
     try:
-        pipeline = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler.from_config(scheduler.config))
-        pipeline.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        return pipeline(batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps).images
+        yield unet
     finally:
         if ema is not None:
             ema.restore(unet.parameters())

@@ -30,13 +30,26 @@ from tqdm.auto import tqdm
 from . import checkpointing, data
 from .atomic_files import write_json
 from .errors import first_line
+from .evaluation import SampleEvaluator
 from .hub import FaceDiffPipeline
-from .model_card import training_card_facts, write_model_card
+from .model_card import training_card_facts, training_evaluation_facts, write_model_card
 from .output_dir import check_output_dir, clear_previous_run, refuse_a_different_run
 from .pipelines import FaceDiffScheduler
 from .sample_grids import log_images, sample_images, save_grid
 from .stop_signals import StopRequest, TrainingInterrupted
 from .training_args import TrainingArguments
+from .training_evaluation import (
+    BEST_EVAL_NAME,
+    EVAL_CURVE_NAME,
+    MEMORISATION_WARNING_SHARE,
+    TrainingEvaluator,
+    load_best_eval,
+    plot_eval_curve,
+    read_best_eval,
+    read_eval_log,
+    rewind_evaluations,
+    training_reference,
+)
 from .unet_presets import build_unet
 
 logger = get_logger(__name__)
@@ -103,6 +116,11 @@ def train(args: TrainingArguments) -> TrainingResult:
             f"--train_batch_size {args.train_batch_size} is the global batch and must split evenly between "
             f"{accelerator.num_processes} processes."
         )
+    if args.eval_steps is not None and len(train_dataset) < 2:
+        raise ValueError(
+            f"--eval_steps compares samples with the training images and needs at least 2 of them, got "
+            f"{len(train_dataset)}: add images, or drop --eval_steps."
+        )
     dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -152,10 +170,18 @@ def train(args: TrainingArguments) -> TrainingResult:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
+    scorer = None
+    if args.eval_steps is not None and accelerator.is_main_process:
+        # Fitted once per run. Mirrored copies count as copies when training flips: the model learns both faces.
+        reference = training_reference(train_dataset, args.seed)
+        scorer = SampleEvaluator(reference, inception=None, seed=args.seed, count_mirrored_copies=args.random_flip)
+
     # Only now, with the data and the model set up, is the old run deleted: a mistake in them loses nothing.
     if accelerator.is_main_process:
         clear_previous_run(args, output_dir)
+        rewind_evaluations(output_dir, checkpoint)
     accelerator.wait_for_everyone()
+    evaluator = TrainingEvaluator(scorer, args, output_dir) if scorer is not None else None
     global_step = _resume(accelerator, checkpoint, ema)
     # An epoch's last optimizer step may accumulate fewer batches, so place the resume point by steps, not batches.
     first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
@@ -223,10 +249,17 @@ def train(args: TrainingArguments) -> TrainingResult:
                     loss=f"{running_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}"
                 )
 
+                # Before the checkpoint of the same step: a resume from it trains on from the next step, and would
+                # never evaluate this one.
+                if args.eval_steps is not None and global_step % args.eval_steps == 0:
+                    if evaluator is not None:
+                        _evaluate(accelerator, evaluator, unet, noise_scheduler, ema, output_dir, global_step)
+                    accelerator.wait_for_everyone()
                 if global_step % args.checkpointing_steps == 0 and global_step < max_train_steps:
                     saved = checkpointing.save_checkpoint(
-                        accelerator, output_dir, global_step, args.checkpoints_total_limit, args.to_dict()
-                    )
+                        accelerator, output_dir, global_step, args.checkpoints_total_limit, args.to_dict(),
+                        run_files=_files_to_checkpoint(output_dir),
+                    )  # fmt: skip
                     logger.info(f"Saved checkpoint {saved}")
                 if global_step % args.save_images_steps == 0 and global_step < max_train_steps:
                     _save_samples(args, accelerator, unet, noise_scheduler, ema, output_dir, global_step)
@@ -239,6 +272,8 @@ def train(args: TrainingArguments) -> TrainingResult:
                 if global_step >= max_train_steps:
                     break
 
+    if evaluator is not None and evaluator.last_step != global_step:  # the last step, when off the --eval_steps
+        _evaluate(accelerator, evaluator, unet, noise_scheduler, ema, output_dir, global_step)
     accelerator.wait_for_everyone()
     wall_time = time.monotonic() - started
     if accelerator.is_main_process:
@@ -270,8 +305,9 @@ def _read_loss_and_norm(losses: torch.Tensor, grad_norm: torch.Tensor | None) ->
 
 def _stop_on_signal(args, accelerator: Accelerator, output_dir: Path, global_step: int, signum: int | None):
     saved = checkpointing.save_checkpoint(
-        accelerator, output_dir, global_step, args.checkpoints_total_limit, args.to_dict()
-    )
+        accelerator, output_dir, global_step, args.checkpoints_total_limit, args.to_dict(),
+        run_files=_files_to_checkpoint(output_dir),
+    )  # fmt: skip
     name = signal.Signals(signum).name if signum is not None else "a signal on another process"
     raise TrainingInterrupted(
         f"Stopped by {name} at step {global_step}; saved {saved}. Resume with the same command plus "
@@ -397,6 +433,24 @@ def _non_finite_message(step: int, what: str, values: torch.Tensor, output_dir: 
     )
 
 
+def _files_to_checkpoint(output_dir: Path) -> list[Path]:
+    """The run's files that a resume needs as they were at the checkpoint's step: the best evaluation's weights."""
+    return [path for path in (output_dir / BEST_EVAL_NAME,) if path.is_file()]
+
+
+def _evaluate(accelerator, evaluator: TrainingEvaluator, unet, scheduler, ema, output_dir: Path, global_step: int):
+    """Evaluate on the main process and send the scores to the tracker."""
+    with checkpointing.explain_disk_full(f"the evaluation at step {global_step}", output_dir):
+        record = evaluator.evaluate(accelerator.unwrap_model(unet), scheduler, ema, global_step)
+    scores = {
+        "eval/pixel_pca_fd": record["pixel_pca_fd"],
+        "eval/pixel_pca_kid": record["pixel_pca_kid_mean"],
+        "eval/pixel_pca_kid_std": record["pixel_pca_kid_std"],
+        "eval/memorised_share": record["memorised_share"],
+    }
+    accelerator.log(scores, step=global_step)
+
+
 def _save_samples(args, accelerator, unet, scheduler, ema, output_dir: Path, global_step: int):
     if accelerator.is_main_process:
         images = sample_images(
@@ -412,20 +466,25 @@ def _save_samples(args, accelerator, unet, scheduler, ema, output_dir: Path, glo
 def _save_final(
     args, accelerator, unet, scheduler, ema, output_dir: Path, global_step, channels, num_images, wall_time
 ):
-    unet = accelerator.unwrap_model(unet)
-    images = sample_images(unet, scheduler, args.eval_batch_size, args.num_inference_steps, args.seed, ema)
+    unet, best = _final_weights(args, accelerator.unwrap_model(unet), ema, output_dir)
+    images = sample_images(unet, scheduler, args.eval_batch_size, args.num_inference_steps, args.seed)
     log_images(accelerator, images, global_step)
-    if ema is not None:
-        unet = copy.deepcopy(unet)
-        ema.copy_to(unet.parameters())
     pipeline = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler.from_config(scheduler.config))
+    evaluations = read_eval_log(output_dir)
+    best_step = best["step"] if best is not None else None
     # Each write is atomic, so a full disk leaves the pipeline saved there before (if any) whole.
     with checkpointing.explain_disk_full("the final pipeline", output_dir):
         grid = save_grid(images, output_dir / "sample_grid.png")
         pipeline.save_pretrained(output_dir)
         write_json(output_dir / "training_args.json", args.to_dict())
         facts = training_card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time)
-        write_model_card({**facts, "sample_grid": grid.name}, output_dir)
+        facts.update(sample_grid=grid.name, best_eval_step=best_step)
+        if evaluations:
+            curve = plot_eval_curve(evaluations, output_dir / EVAL_CURVE_NAME, best_step)
+            facts.update(training_evaluation_facts(args, evaluations, num_images, curve.name, best_step))
+        else:  # one left by the run a resume started from, before its first evaluation: not this run's
+            (output_dir / EVAL_CURVE_NAME).unlink(missing_ok=True)
+        write_model_card(facts, output_dir)
     if args.push_to_hub:
         repo_id = _hub_repo_id(args, output_dir)
         try:
@@ -441,6 +500,31 @@ def _save_final(
         f"Saved the pipeline{' (EMA weights)' if ema is not None else ''}, its model card and sample grid "
         f"({grid}) in {output_dir}; logs in {output_dir / args.logging_dir}"
     )
+
+
+def _final_weights(args, unet: UNet2DModel, ema: EMAModel | None, output_dir: Path) -> tuple[UNet2DModel, dict | None]:
+    """
+    The model the pipeline is saved with: the best evaluation's weights with `--save_best`, else the EMA (or the
+    trained) weights of the last step; `unet` itself is left as it is.
+
+    Returns:
+        `tuple[UNet2DModel, dict | None]`: the model, and the best evaluation's step and score when they are its
+        weights.
+    """
+    best = read_best_eval(output_dir) if args.save_best else None
+    if args.save_best and best is None:
+        logger.warning(
+            f"--save_best: every evaluation had more than {MEMORISATION_WARNING_SHARE:.0%} of its samples copying "
+            "training images, so none was kept as the best; saving the last weights."
+        )
+    if best is None and ema is None:
+        return unet, None
+    final = copy.deepcopy(unet)
+    if best is not None:
+        final.load_state_dict(load_best_eval(output_dir))
+    else:
+        ema.copy_to(final.parameters())
+    return final, best
 
 
 def _check_logger_installed(args: TrainingArguments) -> None:

@@ -109,6 +109,19 @@ class TrainingArguments:
     save_images_steps: int = _help("Save a sample grid every this many steps (and at the end).", default=500)
     eval_batch_size: int = _help("Images in each sample grid.", default=16)
     num_inference_steps: int = _help("Sampling steps for the sample grids (respaced).", default=100)
+    eval_steps: int | None = _help(
+        "Evaluate the model every this many steps and at the end: --eval_num_images samples scored against the "
+        "training images (pixel-PCA FD and KID, and the share of samples that copy a training image), logged and "
+        "written to eval_log.jsonl; default: no evaluation.",
+        default=None,
+    )
+    eval_num_images: int = _help("Samples per evaluation, drawn with fixed seeds.", default=64)
+    eval_inference_steps: int = _help("Sampling steps per evaluation (respaced).", default=25)
+    save_best: bool = _help(
+        "Save the weights of the evaluation with the lowest pixel-PCA KID, among those without the memorisation "
+        "warning, rather than the last ones; needs --eval_steps.",
+        default=False,
+    )
     logger: Literal["tensorboard", "wandb"] = _help("Where losses and sample grids are logged.", default="tensorboard")
     logging_dir: str = _help("Log folder, relative to output_dir.", default="logs")
 
@@ -129,13 +142,28 @@ class TrainingArguments:
             "save_images_steps",
             "eval_batch_size",
             "num_inference_steps",
+            "eval_inference_steps",
             "ddpm_num_steps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("num_epochs", "max_train_steps", "max_train_samples", "checkpoints_total_limit", "cpu_threads"):
+        for name in (
+            "num_epochs",
+            "max_train_steps",
+            "max_train_samples",
+            "checkpoints_total_limit",
+            "cpu_threads",
+            "eval_steps",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.eval_num_images < 2:
+            raise ValueError(f"--eval_num_images must be at least 2, got {self.eval_num_images}.")
+        if self.save_best and self.eval_steps is None:
+            raise ValueError(
+                "--save_best keeps the best evaluation's weights, but nothing is evaluated without --eval_steps: "
+                "pass --eval_steps N, or drop --save_best."
+            )
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
         if self.lr_scheduler not in LR_SCHEDULES:
@@ -151,6 +179,11 @@ class TrainingArguments:
         if self.num_inference_steps > self.ddpm_num_steps:
             raise ValueError(
                 f"--num_inference_steps ({self.num_inference_steps}) cannot exceed --ddpm_num_steps "
+                f"({self.ddpm_num_steps})."
+            )
+        if self.eval_steps is not None and self.eval_inference_steps > self.ddpm_num_steps:
+            raise ValueError(
+                f"--eval_inference_steps ({self.eval_inference_steps}) cannot exceed --ddpm_num_steps "
                 f"({self.ddpm_num_steps})."
             )
         if self.model_config_name_or_path is None:

@@ -103,6 +103,8 @@ def test_a_loaded_pipeline_pushes_its_card_and_grid_and_a_new_one_a_rendered_car
     gray_pipeline.save_pretrained(folder)
     (folder / "README.md").write_text("---\nlibrary_name: diffusers\n---\n# faces\n")
     (folder / "sample_grid.png").write_bytes(b"png")
+    (folder / "eval_curve.png").write_bytes(b"png")
+    (folder / "eval_log.jsonl").write_text("{}\n")
     (folder / "checkpoint-5").mkdir()
     (folder / "checkpoint-5" / "model.safetensors").write_bytes(b"weights")
     (folder / "training_args.json").write_text("{}")
@@ -111,7 +113,10 @@ def test_a_loaded_pipeline_pushes_its_card_and_grid_and_a_new_one_a_rendered_car
     gray_pipeline.push_to_hub("someone/bare", private=True)
     (first, second) = fake_hub["commits"]
     assert first[:2] == ("someone/faces", "first") and "README.md" in first[2] and "sample_grid.png" in first[2]
-    assert not any(name.startswith("checkpoint") or name == "training_args.json" for name in first[2])
+    assert "eval_curve.png" in first[2]  # the card's images go with it; the evaluations' log stays
+    assert not any(
+        name.startswith("checkpoint") or name in ("training_args.json", "eval_log.jsonl") for name in first[2]
+    )
     assert second[0] == "someone/bare" and "model_index.json" in second[2] and "sample_grid.png" not in second[2]
     assert fake_hub["repos"][1][:2] == ("someone/bare", True)
     # The pipeline built in memory carries no card: one is rendered from its configs, with nothing made up.

@@ -47,6 +47,7 @@ def test_trains_on_gray_faces_end_to_end(tmp_path):
     assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
     assert "the image folder `train`, 40 images" in card and "4 steps of AdamW" in card and "wall time" in card
     assert "{{" not in card and "None" not in card
+    assert "## During training" not in card and not (output / "eval_log.jsonl").exists()  # without --eval_steps
 
 
 def test_trains_on_rgb_jpeg_faces(tmp_path):
