@@ -123,6 +123,10 @@ def build_variants(unet, compile_unet: bool) -> dict:
         started = time.perf_counter()
         variants["facediff + torch.compile"](2, 2, 0)
         compile_seconds = time.perf_counter() - started
+        compiled_bf16 = torch.compile(copy.deepcopy(unet).to(torch.bfloat16).to(memory_format=torch.channels_last))
+        variants["facediff, bfloat16 UNet + torch.compile"] = run_facediff(
+            quiet(FaceDiffPipeline(unet=compiled_bf16, scheduler=FaceDiffScheduler())), torch.channels_last
+        )
     return variants, compile_seconds
 
 

@@ -35,6 +35,7 @@ from .hub import FaceDiffPipeline
 from .model_card import training_card_facts, training_evaluation_facts, write_model_card
 from .output_dir import check_output_dir, clear_previous_run, refuse_a_different_run
 from .pipelines import FaceDiffScheduler
+from .precision import native_bf16
 from .sample_grids import log_images, sample_images, save_grid
 from .stop_signals import StopRequest, TrainingInterrupted
 from .training_args import TrainingArguments
@@ -345,10 +346,11 @@ def _diffusion_loss(unet, scheduler: FaceDiffScheduler, pixels: torch.Tensor, ar
 def _make_accelerator(args: TrainingArguments, output_dir: Path) -> Accelerator:
     # accelerate only starts a multi-process CPU group (gloo) when told it runs on CPU.
     launched_many = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    mixed_precision, precision_reason = _mixed_precision(args)
     accelerator = Accelerator(
         cpu=launched_many and not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with=args.logger,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
@@ -363,7 +365,20 @@ def _make_accelerator(args: TrainingArguments, output_dir: Path) -> Accelerator:
         handlers=[_TqdmLoggingHandler()],
     )  # fmt: skip
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line of ours per checkpoint, not six
+    logger.info(f"Mixed precision {accelerator.mixed_precision}: {precision_reason}")
     return accelerator
+
+
+def _mixed_precision(args: TrainingArguments) -> tuple[str, str]:
+    """`--mixed_precision`, with `auto` resolved, and why."""
+    if args.mixed_precision != "auto":
+        return args.mixed_precision, "--mixed_precision"
+    # `accelerate launch` passes its --mixed_precision (or `accelerate config`'s) on in this variable, "no" by default.
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher != "no":
+        return launcher, "as accelerate launch asks"
+    native, reason = native_bf16("cuda" if torch.cuda.is_available() else "cpu")
+    return ("bf16" if native else "no"), f"{reason}; --mixed_precision no or bf16 overrides"
 
 
 class _TqdmLoggingHandler(logging.StreamHandler):

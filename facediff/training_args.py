@@ -94,8 +94,10 @@ class TrainingArguments:
     adam_weight_decay: float = _help("AdamW weight decay.", default=1e-6)
     adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables it).", default=1.0)
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = _help(
-        "Mixed precision; default: as `accelerate config` says.", default=None
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _help(
+        "Mixed precision. auto: what `accelerate launch --mixed_precision` or `accelerate config` asks for, else "
+        "bf16 where the CPU or GPU computes bfloat16 natively (AMX, AVX512-BF16, recent GPUs) and no elsewhere.",
+        default="auto",
     )
     use_ema: bool = _help("Keep an exponential moving average of the weights and save it.", default=True)
     ema_inv_gamma: float = _help("EMA warm-up inverse gamma.", default=1.0)

@@ -1,14 +1,24 @@
 """bfloat16 where the hardware computes it natively: the UNet in bfloat16, the sampling chain kept in float32."""
 
+import logging
+import shutil
+
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors.torch import load_file
 
 import facediff.precision as precision
+import facediff.training as training
 from facediff import FaceDiffPipeline, FaceDiffScheduler
 from facediff.cli import main
+from facediff.training import train
+from facediff.training_args import parse_training_arguments
+
+from .conftest import FACES, tiny_run
 
 MU, S = 0.3, 0.5
 
@@ -96,3 +106,52 @@ def test_sample_dtype_auto_says_what_it_picked_and_samples_in_it(gray_pipeline, 
     assert main([*flags, "--dtype", picked, "--out", str(tmp_path / "explicit")]) == 0
     for name in ("00000.png", "00001.png", "grid.png"):
         assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "explicit" / name).read_bytes()
+
+
+def trained_weights(output) -> dict[str, torch.Tensor]:
+    return load_file(output / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "native,launcher,expected,reason",
+    [
+        (True, None, "bf16", "this CPU computes bfloat16 natively (AMX)"),
+        (False, None, "no", "this CPU has no native bfloat16"),
+        (False, "bf16", "bf16", "as accelerate launch asks"),
+    ],
+)
+def test_training_mixed_precision_auto(tmp_path, monkeypatch, caplog, native, launcher, expected, reason):
+    monkeypatch.setattr(precision, "CPU_BF16_CHECKS", (("AMX", lambda: native),))
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    accelerators = []
+    make_accelerator = training._make_accelerator
+
+    def recording(*args):
+        accelerators.append(make_accelerator(*args))
+        return accelerators[-1]
+
+    monkeypatch.setattr(training, "_make_accelerator", recording)
+    flags = ["--train_data_dir", str(FACES), "--max_train_samples", "8", "--max_train_steps", "2"]
+    with caplog.at_level(logging.INFO):
+        train(parse_training_arguments(tiny_run(tmp_path / "run", *flags, "--mixed_precision", "auto")))
+    assert accelerators[0].mixed_precision == expected
+    assert f"Mixed precision {expected}: {reason}" in caplog.text
+
+
+def test_bf16_training_repeats_bit_for_bit_and_resumes_exactly(tmp_path):
+    flags = ["--train_data_dir", str(FACES), "--max_train_samples", "16", "--mixed_precision", "bf16", "--random_flip"]
+    train(parse_training_arguments(tiny_run(tmp_path / "first", *flags)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(parse_training_arguments(tiny_run(tmp_path / "again", *flags)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    # A run stopped after its first checkpoint: that checkpoint alone, resumed to the end.
+    shutil.copytree(tmp_path / "first" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    train(parse_training_arguments(tiny_run(tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")))
+
+    first = trained_weights(tmp_path / "first")
+    for other in ("again", "resumed"):
+        weights = trained_weights(tmp_path / other)
+        assert all(torch.equal(weights[name], first[name]) for name in first), other

@@ -17,7 +17,7 @@ from facediff.training_args import parse_training_arguments
 from .conftest import FACES, TINY_GRAY_UNET, record_batches
 
 PROBE = Path(__file__).with_name("launch_probe.py")
-FLAGS = ["--train_data_dir", str(FACES), "--max_train_samples", "64", "--resolution", "16",
+FLAGS = ["--train_data_dir", str(FACES), "--mixed_precision", "no", "--max_train_samples", "64", "--resolution", "16",
          "--model_config_name_or_path", str(TINY_GRAY_UNET), "--train_batch_size", "8", "--max_train_steps", "4",
          "--checkpointing_steps", "2", "--save_images_steps", "2", "--eval_batch_size", "4",
          "--num_inference_steps", "2", "--random_flip"]  # fmt: skip
