@@ -1,6 +1,6 @@
 """Are the samples of a digits model recognisable digits? A classifier trained on real digits says.
 
-    python benchmarks/digits_quality.py facediff-output [--num-images 256] [--steps 1000 100 50]
+    python benchmarks/digits_quality.py facediff-output [--num-images 256] [--steps 1000 100 50] [--dtype bfloat16]
 
 A logistic-regression classifier is fitted on 1,297 of scikit-learn's real 8x8 digits. Samples are box-downscaled to
 8x8 and classified; a sample counts as recognisable when the classifier gives one digit probability >= 0.9. The
@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import torch
+from model_flags import describe_cpu
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
@@ -41,13 +42,16 @@ def main():
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--steps", type=int, nargs="+", default=[1000, 100])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="the UNet's (the chain stays float32)"
+    )
     args = parser.parse_args()
 
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.data))
     train, held_out = order[:1297], order[1297:]
     classifier = LogisticRegression(max_iter=5000).fit(digits.data[train], digits.target[train])
-    pipeline = FaceDiffPipeline.from_pretrained(args.model)
+    pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
     pipeline.set_progress_bar_config(leave=False)
     resolution = pipeline.unet.config.sample_size
     real = [
@@ -62,6 +66,7 @@ def main():
         elapsed = time.perf_counter() - started
         rows.append((f"samples, {steps} steps", *score(classifier, to_features(images)), f"{elapsed:.0f} s"))
 
+    print(f"{describe_cpu()}; UNet in {args.dtype}")
     print(f"| images | recognisable (p >= {CONFIDENT}) | digits seen | sampling time |")
     print("|---|---:|---:|---:|")
     for name, share, classes, elapsed in rows:
