@@ -1,0 +1,117 @@
+"""The plain diffusers training loop that recipes are compared with, trained for a number of minutes.
+
+    python benchmarks/stock_loop.py --train_data_dir DIR --resolution 32 --minutes 2.5 5 10 15 --out stock.jsonl
+
+What diffusers' examples/unconditional_image_generation/train_unconditional.py does, reduced to its loop: a
+UNet2DModel (the `small` preset's config, or --model_config_name_or_path), DDPMScheduler, AdamW at 1e-3 with its
+defaults for the rest, batch 32, random flips, an EMAModel (train_unconditional.py's defaults: inv_gamma 1, power 3/4,
+max decay 0.9999) and DDPMPipeline to sample. It trains on the images facediff's data layer prepares (the same
+pixels as a recipe's run), on all of this machine's cores. At each mark of training time (the clock stops while it
+evaluates), the EMA weights draw --num-images images at --steps respaced steps from a fixed seed, scored as
+facediff's `--eval_steps` scores them (pixel-PCA FD and KID against the training images, memorised share); one JSON
+line per mark, after a first line with the floor: the pixel-PCA KID of 10 random subsets of as many real images.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from model_flags import describe_cpu
+
+from facediff import build_unet, data
+from facediff.evaluation import SampleEvaluator
+
+
+def evaluate(unet, ema, evaluator, num_images: int, steps: int, seed: int) -> dict:
+    """Score EMA samples drawn with DDPMPipeline, leaving the training weights as they were."""
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    try:
+        pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
+        pipeline.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(seed)
+        images = pipeline(num_images, generator=generator, num_inference_steps=steps, output_type="np").images
+    finally:
+        unet.train()
+        ema.restore(unet.parameters())
+    samples = torch.from_numpy((images * 255).round().astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
+    return evaluator.score(samples)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train_data_dir", required=True)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--model_config_name_or_path", default=None, help="default: the small preset")
+    parser.add_argument("--minutes", type=float, nargs="+", default=[2.5, 5, 10, 15])
+    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=100, help="respaced sampling steps of each evaluation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="the JSON lines to write")
+    args = parser.parse_args()
+
+    source = data.ImageSource(location=args.train_data_dir, is_image_folder=True, resolution=args.resolution)
+    raw, column = data.load_raw_dataset(source)
+    channels = data.detect_channels(raw, column)
+    pixels = data.preprocess_images(raw, column, source, channels)[:][data.PIXELS].to(torch.uint8)
+    evaluator = SampleEvaluator(pixels)
+    rng = np.random.default_rng(args.seed)
+    floor = [
+        evaluator.score(pixels[rng.choice(len(pixels), args.num_images, replace=False)])["pixel_pca_kid_mean"]
+        for _ in range(10)
+    ]
+    out = Path(args.out)
+    header = {
+        "cpu": describe_cpu(),
+        "real_subset_kid_mean": float(np.mean(floor)),
+        "real_subset_kid_std": float(np.std(floor)),
+    }
+    print(json.dumps(header), flush=True)
+    out.write_text(json.dumps(header) + "\n")
+
+    torch.manual_seed(args.seed)
+    if args.model_config_name_or_path is None:
+        unet = build_unet("small", args.resolution, channels)
+    else:
+        unet = UNet2DModel.from_config(UNet2DModel.load_config(args.model_config_name_or_path))
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    loader = torch.utils.data.DataLoader(pixels, batch_size=32, shuffle=True, drop_last=True)
+
+    marks = sorted(args.minutes)
+    trained_seconds, step = 0.0, 0
+    while marks:
+        for batch in loader:
+            started = time.perf_counter()
+            clean = batch.float() / 127.5 - 1
+            clean = torch.where(torch.rand(len(clean))[:, None, None, None] < 0.5, clean.flip(-1), clean)
+            noise = torch.randn_like(clean)
+            timesteps = torch.randint(0, 1000, (len(clean),))
+            loss = F.mse_loss(unet(scheduler.add_noise(clean, noise, timesteps), timesteps).sample, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.step(unet.parameters())
+            step += 1
+            trained_seconds += time.perf_counter() - started
+            if marks and trained_seconds >= marks[0] * 60:
+                scores = evaluate(unet, ema, evaluator, args.num_images, args.steps, args.seed)
+                row = {"minutes": marks.pop(0), "step": step, "loss": loss.item(), **scores}
+                print(json.dumps(row), flush=True)
+                with out.open("a") as lines:
+                    lines.write(json.dumps(row) + "\n")
+            if not marks:
+                break
+
+
+if __name__ == "__main__":
+    main()
