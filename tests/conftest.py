@@ -104,6 +104,22 @@ def tiny_unet_config(channels: int, resolution: int = 16) -> dict:
     }
 
 
+def one_level_unet() -> UNet2DModel:
+    """The smallest UNet2DModel: one level of 4 channels, 8x8 gray, for tests that run the 1000-step chain, where
+    any UNet shows what they check and each call's cost adds up."""
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(4,),
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+        layers_per_block=1,
+        norm_num_groups=2,
+        add_attention=False,
+    )
+
+
 def tiny_unet(channels: int, resolution: int = 16) -> UNet2DModel:
     return UNet2DModel(**tiny_unet_config(channels, resolution))
 

@@ -18,7 +18,7 @@ from facediff.cli import main
 from facediff.training import train
 from facediff.training_args import parse_training_arguments
 
-from .conftest import FACES, tiny_run
+from .conftest import FACES, one_level_unet, tiny_run
 
 MU, S = 0.3, 0.5
 
@@ -26,17 +26,7 @@ MU, S = 0.3, 0.5
 def gaussian_denoiser(dtype: torch.dtype) -> UNet2DModel:
     """A UNet2DModel whose forward is the exact noise prediction for data drawn from N(MU, S^2) per pixel, computed
     in `dtype`: the model is perfect, so whatever the samples get wrong, the sampling chain got wrong."""
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(4,),
-        down_block_types=("DownBlock2D",),
-        up_block_types=("UpBlock2D",),
-        layers_per_block=1,
-        norm_num_groups=2,
-        add_attention=False,
-    ).to(dtype)
+    unet = one_level_unet().to(dtype)
     alphas_cumprod = FaceDiffScheduler().alphas_cumprod
 
     def forward(sample, timestep, *args, **kwargs):

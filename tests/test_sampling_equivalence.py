@@ -3,27 +3,19 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 
 from facediff import FaceDiffPipeline, FaceDiffScheduler
+
+from .conftest import one_level_unet
 
 
 def test_full_chain_matches_diffusers_ddpm_pipeline():
     # DDPMPipeline with fixed_large variance and no clipping runs the document's update; both draw x_T and every
     # step's noise from the generator in the same order, so the images agree up to float rounding. Any UNet shows
-    # it: one level of 4 channels on an 8x8 canvas keeps the 2 x 1000 calls fast.
+    # it, and the smallest keeps the 2 x 1000 calls fast.
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(4,),
-        down_block_types=("DownBlock2D",),
-        up_block_types=("UpBlock2D",),
-        layers_per_block=1,
-        norm_num_groups=2,
-        add_attention=False,
-    )
+    unet = one_level_unet()
     stock_scheduler = DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large", clip_sample=False)
     stock = DDPMPipeline(unet=unet, scheduler=stock_scheduler)
     ours = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler())
