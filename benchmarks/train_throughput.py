@@ -34,7 +34,7 @@ def run_variant(variant: str, preset: str, resolution: int, channels: int, batch
     from facediff.training import _diffusion_loss
     from facediff.training_args import TrainingArguments
 
-    if variant == "facediff-kept":
+    if variant.endswith("-kept"):
         keep_freed_memory()
     if variant == "diffusers-launched":
         torch.set_num_threads(1)  # what `accelerate launch` leaves train_unconditional.py on CPU: OMP_NUM_THREADS=1
@@ -61,7 +61,7 @@ def run_variant(variant: str, preset: str, resolution: int, channels: int, batch
 
         def loss_fn():
             # As Accelerate runs a --mixed_precision bf16 step: the forward pass under autocast, the weights float32.
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "facediff-bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.startswith("facediff-bf16")):
                 return _diffusion_loss(unet, scheduler, pixels, args)
 
     def step():
@@ -100,7 +100,7 @@ def main():
         return
 
     # Alternate the variants over several rounds so that drift in the machine's speed hits both alike.
-    variants = ("diffusers", "facediff", "facediff-kept", "facediff-bf16", "diffusers-launched")
+    variants = ("diffusers", "facediff", "facediff-kept", "facediff-bf16", "facediff-bf16-kept", "diffusers-launched")
     results = {variant: {"rates": [], "peak_mb": 0.0, "faults": []} for variant in variants}
     for _ in range(args.rounds):
         for variant in results:
@@ -124,6 +124,7 @@ def main():
         "facediff": "facediff",
         "facediff-kept": "facediff, freed memory kept (`keep_freed_memory`)",
         "facediff-bf16": "facediff, bfloat16 autocast (`--mixed_precision bf16`)",
+        "facediff-bf16-kept": "facediff, bfloat16 autocast, freed memory kept",
         "diffusers-launched": "stock loop as `accelerate launch` runs it on CPU (1 thread)",
     }
     for variant, label in labels.items():
