@@ -5,12 +5,10 @@ import argparse
 import re
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
 from .atomic_files import write_json
@@ -21,7 +19,7 @@ from .model_card import EVAL_RESULTS_NAME, evaluation_table, load_card, model_di
 from .output_dir import check_writable_file
 from .pipelines import FaceDiffScheduler
 from .precision import auto_dtype
-from .sample_grids import save_grid
+from .sample_grids import draw, save_grid
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # "auto" leaves the choice to the pipeline: channels_last on a CPU, contiguous on a GPU (the faster on each).
@@ -61,7 +59,9 @@ def sample(args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     print(precision_note, file=sys.stderr)
     images = []
-    batches = draw(pipeline, args.num_images, args.steps, args.seed, args.batch_size, "pil", args.memory_format)
+    batches = draw(
+        pipeline, args.num_images, args.steps, args.seed, args.batch_size, "pil", MEMORY_FORMATS[args.memory_format]
+    )
     for indices, batch in batches:
         for index, image in zip(indices, batch, strict=True):
             image.save(out / f"{index:05d}.png")
@@ -119,7 +119,9 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     rows = []
     for steps in step_counts:
         start = time.perf_counter()
-        batches = draw(pipeline, args.num_images, steps, args.seed, args.batch_size, "np", args.memory_format)
+        batches = draw(
+            pipeline, args.num_images, steps, args.seed, args.batch_size, "np", MEMORY_FORMATS[args.memory_format]
+        )
         # Quantised as the PNGs that `facediff sample` writes.
         samples = np.concatenate([(batch * 255).round().astype(np.uint8) for _, batch in batches])
         sampling_seconds = time.perf_counter() - start
@@ -181,54 +183,6 @@ def load_sampler(args: argparse.Namespace) -> tuple[FaceDiffPipeline, str]:
         mode = "reduce-overhead" if pipeline.device.type == "cuda" else "default"
         pipeline.unet = torch.compile(pipeline.unet, mode=mode)
     return pipeline, precision_note
-
-
-def draw(
-    pipeline: FaceDiffPipeline,
-    num_images: int,
-    steps: int | None,
-    seed: int,
-    batch_size: int,
-    output_type: str,
-    memory_format: str = "auto",
-) -> Iterator[tuple[range, list | np.ndarray]]:
-    """
-    Draw images in batches; image i comes from its own generator seeded `seed + i`, so it is the same image
-    whatever the batch size.
-
-    Args:
-        pipeline (`FaceDiffPipeline`):
-            The sampler.
-        num_images (`int`):
-            How many.
-        steps (`int`, *optional*):
-            Respaced sampling steps; `None`: all T.
-        seed (`int`):
-            Seed of image 0.
-        batch_size (`int`):
-            Images per pipeline call.
-        output_type (`str`):
-            `"pil"` or `"np"`, as the pipeline takes it.
-        memory_format (`str`, defaults to `"auto"`):
-            A key of `MEMORY_FORMATS`: the layout of the sample while sampling.
-
-    Returns:
-        `Iterator[tuple[range, list | np.ndarray]]`: the indices of each batch and its images.
-    """
-    pipeline.set_progress_bar_config(disable=True)
-    with tqdm(total=num_images, desc=f"Sampling ({steps or 'all'} steps)", unit="image") as progress:
-        for start in range(0, num_images, batch_size):
-            indices = range(start, min(start + batch_size, num_images))
-            generators = [torch.Generator(device="cpu").manual_seed(seed + index) for index in indices]
-            output = pipeline(
-                batch_size=len(indices),
-                generator=generators,
-                num_inference_steps=steps,
-                output_type=output_type,
-                memory_format=MEMORY_FORMATS[memory_format],
-            )
-            yield indices, output.images
-            progress.update(len(indices))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .atomic_files import atomic_write
 from .hub import FaceDiffPipeline
@@ -76,6 +77,60 @@ def sampling_weights(unet: UNet2DModel, ema: EMAModel | None = None) -> Iterator
         if ema is not None:
             ema.restore(unet.parameters())
         unet.train(was_training)
+
+
+def draw(
+    pipeline: FaceDiffPipeline,
+    num_images: int,
+    steps: int | None,
+    seed: int,
+    batch_size: int,
+    output_type: str,
+    memory_format: torch.memory_format | None = None,
+    show_progress: bool = True,
+) -> Iterator[tuple[range, list | np.ndarray | torch.Tensor]]:
+    """
+    Draw images in batches; image i comes from its own generator seeded `seed + i`, so it is the same image
+    whatever the batch size.
+
+    Args:
+        pipeline (`FaceDiffPipeline`):
+            The sampler.
+        num_images (`int`):
+            How many.
+        steps (`int`, *optional*):
+            Respaced sampling steps; `None`: all T.
+        seed (`int`):
+            Seed of image 0.
+        batch_size (`int`):
+            Images per pipeline call.
+        output_type (`str`):
+            `"pil"`, `"np"` or `"pt"`, as the pipeline takes it.
+        memory_format (`torch.memory_format`, *optional*):
+            The layout while sampling; default: the pipeline's (channels_last on a CPU).
+        show_progress (`bool`, defaults to `True`):
+            Show a progress bar over the images.
+
+    Returns:
+        `Iterator[tuple[range, list | np.ndarray | torch.Tensor]]`: the indices of each batch and its images.
+    """
+    pipeline.set_progress_bar_config(disable=True)
+    progress = tqdm(
+        total=num_images, desc=f"Sampling ({steps or 'all'} steps)", unit="image", disable=not show_progress
+    )
+    with progress:
+        for start in range(0, num_images, batch_size):
+            indices = range(start, min(start + batch_size, num_images))
+            generators = [torch.Generator(device="cpu").manual_seed(seed + index) for index in indices]
+            output = pipeline(
+                batch_size=len(indices),
+                generator=generators,
+                num_inference_steps=steps,
+                output_type=output_type,
+                memory_format=memory_format,
+            )
+            yield indices, output.images
+            progress.update(len(indices))
 
 
 def save_grid(images: list[Image.Image], path: str | os.PathLike) -> Path:

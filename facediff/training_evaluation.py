@@ -31,7 +31,7 @@ from .data import PIXELS
 from .evaluation import SampleEvaluator
 from .hub import FaceDiffPipeline
 from .pipelines import FaceDiffScheduler
-from .sample_grids import sampling_weights
+from .sample_grids import draw, sampling_weights
 
 logger = logging.getLogger(__name__)
 
@@ -104,18 +104,10 @@ def sample_pixels(
     Returns:
         `torch.Tensor`: uint8 (N, C, H, W) on the CPU, rounded as the pipeline's PIL images are.
     """
-    batches = []
     with sampling_weights(unet, ema):
         pipeline = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler.from_config(scheduler.config))
-        pipeline.set_progress_bar_config(disable=True)
-        for start in range(0, num_images, batch_size):
-            indices = range(start, min(start + batch_size, num_images))
-            generators = [torch.Generator(device="cpu").manual_seed(seed + index) for index in indices]
-            images = pipeline(
-                batch_size=len(indices), generator=generators, num_inference_steps=num_inference_steps, output_type="pt"
-            ).images
-            batches.append(images.mul(255).round().to(torch.uint8).cpu())
-    return torch.cat(batches)
+        batches = draw(pipeline, num_images, num_inference_steps, seed, batch_size, "pt", show_progress=False)
+        return torch.cat([images.mul(255).round().to(torch.uint8).cpu() for _, images in batches])
 
 
 class TrainingEvaluator:
