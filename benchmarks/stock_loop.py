@@ -10,6 +10,7 @@ pixels as a recipe's run), on all of this machine's cores. At each mark of train
 evaluates), the EMA weights draw --num-images images at --steps respaced steps from a fixed seed, scored as
 facediff's `--eval_steps` scores them (pixel-PCA FD and KID against the training images, memorised share); one JSON
 line per mark, after a first line with the floor: the pixel-PCA KID of 10 random subsets of as many real images.
+The first 16 samples of each mark go to a grid, OUT-<minutes>min.png beside OUT.
 """
 
 import argparse
@@ -22,14 +23,16 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
 from model_flags import describe_cpu
 
 from facediff import build_unet, data
 from facediff.evaluation import SampleEvaluator
 
 
-def evaluate(unet, ema, evaluator, num_images: int, steps: int, seed: int) -> dict:
-    """Score EMA samples drawn with DDPMPipeline, leaving the training weights as they were."""
+def evaluate(unet, ema, evaluator, num_images: int, steps: int, seed: int, grid_path: Path) -> dict:
+    """Score EMA samples drawn with DDPMPipeline, leaving the training weights as they were; the first 16 go to a
+    grid PNG."""
     ema.store(unet.parameters())
     ema.copy_to(unet.parameters())
     unet.eval()
@@ -42,6 +45,7 @@ def evaluate(unet, ema, evaluator, num_images: int, steps: int, seed: int) -> di
         unet.train()
         ema.restore(unet.parameters())
     samples = torch.from_numpy((images * 255).round().astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
+    make_image_grid(DDPMPipeline.numpy_to_pil(images[:16]), rows=2, cols=8).save(grid_path)
     return evaluator.score(samples)
 
 
@@ -104,7 +108,8 @@ def main():
             step += 1
             trained_seconds += time.perf_counter() - started
             if marks and trained_seconds >= marks[0] * 60:
-                scores = evaluate(unet, ema, evaluator, args.num_images, args.steps, args.seed)
+                grid = out.with_name(f"{out.stem}-{marks[0]:g}min.png")
+                scores = evaluate(unet, ema, evaluator, args.num_images, args.steps, args.seed, grid)
                 row = {"minutes": marks.pop(0), "step": step, "loss": loss.item(), **scores}
                 print(json.dumps(row), flush=True)
                 with out.open("a") as lines:

@@ -81,6 +81,11 @@ def checkpoint_step(checkpoint: Path) -> int:
     return json.loads((checkpoint / STATE_FILE).read_text())["global_step"]
 
 
+def checkpoint_train_seconds(checkpoint: Path) -> float:
+    """Seconds of training up to a checkpoint's step (0 for checkpoints saved before they were counted)."""
+    return json.loads((checkpoint / STATE_FILE).read_text()).get("train_seconds", 0.0)
+
+
 def checkpoint_training_args(checkpoint: Path) -> dict | None:
     """The training arguments of the run that saved a checkpoint (None for checkpoints saved before they were kept)."""
     return json.loads((checkpoint / STATE_FILE).read_text()).get("training_args")
@@ -93,6 +98,7 @@ def save_checkpoint(
     total_limit: int | None,
     training_args: dict,
     run_files: Sequence[Path] = (),
+    train_seconds: float = 0.0,
 ) -> Path:
     """
     Save everything needed to resume exactly (weights, optimizer, registered objects such as the LR schedule and
@@ -132,7 +138,7 @@ def save_checkpoint(
             if accelerator.is_main_process:
                 for path in run_files:
                     atomic_copy(path, staging / path.name)
-                state = {"global_step": global_step, "training_args": training_args}
+                state = {"global_step": global_step, "train_seconds": train_seconds, "training_args": training_args}
                 (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
                 _sync_to_disk(staging)
     except BaseException:

@@ -414,11 +414,15 @@ def _training_evaluation_table(evaluations: list[dict], best_step: int | None, w
         picks = {round(i * last / (MAX_TRAINING_EVALUATION_ROWS - 2)) for i in range(MAX_TRAINING_EVALUATION_ROWS - 1)}
         picks |= {index for index, record in enumerate(evaluations) if record["step"] == best_step}
         shown = [evaluations[index] for index in sorted(picks)]
-    header = ["step", *(["samples", "sampling steps"] if with_sample_settings else []), "pixel-PCA FD"]
+    with_minutes = all("train_minutes" in record for record in evaluations)
+    header = ["step", *(["minutes"] if with_minutes else [])]
+    header += [*(["samples", "sampling steps"] if with_sample_settings else []), "pixel-PCA FD"]
     header += ["pixel-PCA KID", "memorised"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for record in shown:
         cells = [f"**{record['step']}** (saved)" if record["step"] == best_step else str(record["step"])]
+        if with_minutes:
+            cells.append(f"{record['train_minutes']:.1f}")
         if with_sample_settings:
             cells += [str(record["num_images"]), str(record["inference_steps"])]
         cells += [f"{record['pixel_pca_fd']:.3f}", _kid(record, "pixel_pca_kid"), f"{record['memorised_share']:.1%}"]

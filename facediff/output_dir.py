@@ -37,9 +37,9 @@ PATH_SETTINGS = ("dataset_name", "train_data_dir", "model_config_name_or_path")
 # and speed settings, and the two remedies for a diverging run that do take effect on resume: --mixed_precision and
 # --max_grad_norm.
 RESUMABLE_SETTINGS = (
-    "num_epochs", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
-    "save_images_steps", "eval_batch_size", "num_inference_steps", "eval_steps", "eval_num_images",
-    "eval_inference_steps", "save_best", "logger", "logging_dir", "push_to_hub",
+    "num_epochs", "max_train_steps", "max_train_minutes", "checkpointing_steps", "checkpoints_total_limit",
+    "resume_from_checkpoint", "save_images_steps", "eval_batch_size", "num_inference_steps", "eval_steps",
+    "eval_num_images", "eval_inference_steps", "save_best", "logger", "logging_dir", "push_to_hub",
     "hub_model_id", "hub_private_repo", "output_dir", "overwrite_output_dir", "dataloader_num_workers",
     "preprocessing_num_workers", "cpu_threads", "cache_dir", "mixed_precision", "max_grad_norm",
 )  # fmt: skip

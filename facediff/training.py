@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import (
     DataLoaderConfiguration,
     ProjectConfiguration,
+    broadcast,
     is_tensorboard_available,
     is_wandb_available,
     set_seed,
@@ -184,25 +186,31 @@ def train(args: TrainingArguments) -> TrainingResult:
     accelerator.wait_for_everyone()
     evaluator = TrainingEvaluator(scorer, args, output_dir) if scorer is not None else None
     global_step = _resume(accelerator, checkpoint, ema)
+    train_seconds = checkpointing.checkpoint_train_seconds(checkpoint) if checkpoint is not None else 0.0
     # An epoch's last optimizer step may accumulate fewer batches, so place the resume point by steps, not batches.
     first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
     batches_to_skip = steps_into_epoch * args.gradient_accumulation_steps
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    epochs = range(first_epoch, math.ceil(max_train_steps / steps_per_epoch)) if max_train_steps else count(first_epoch)
 
     if accelerator.is_main_process:
         accelerator.init_trackers("facediff", config=_loggable(args))
+    length = [f"{max_train_steps} steps"] if max_train_steps else []
+    length += [f"{args.max_train_minutes:g} minutes"] if args.max_train_minutes is not None else []
     logger.info(
         f"Training on {len(train_dataset)} images ({channels} channel(s), {args.effective_resolution}px), "
-        f"{max_train_steps} steps of {args.train_batch_size} images on {accelerator.num_processes} process(es)"
+        f"{' or '.join(length)} of {args.train_batch_size} images a step on {accelerator.num_processes} process(es)"
     )
     # The bar closes on an error too, so that the error is the last line printed.
     progress = tqdm(
         total=max_train_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
     )
+    finished = _finished(accelerator, args, global_step, max_train_steps, train_seconds)
     with StopRequest() as stop, progress:
         running_loss, window_start, window_images, skipped_in_a_row = None, time.monotonic(), 0, 0
-        for epoch in range(first_epoch, num_epochs):
-            if global_step >= max_train_steps:  # also when resuming from a checkpoint at the last step
+        # Training time: what the steps take, evaluations, sample grids and checkpoints left out.
+        clock_start = time.monotonic()
+        for epoch in epochs:
+            if finished:  # also when resuming from a checkpoint at the last step
                 break
             dataloader.set_epoch(epoch)
             batches = dataloader
@@ -250,31 +258,42 @@ def train(args: TrainingArguments) -> TrainingResult:
                     loss=f"{running_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}"
                 )
 
+                train_seconds += time.monotonic() - clock_start
+                finished = _finished(accelerator, args, global_step, max_train_steps, train_seconds)
+
                 # Before the checkpoint of the same step: a resume from it trains on from the next step, and would
                 # never evaluate this one.
                 if args.eval_steps is not None and global_step % args.eval_steps == 0:
                     if evaluator is not None:
-                        _evaluate(accelerator, evaluator, unet, noise_scheduler, ema, output_dir, global_step)
+                        _evaluate(
+                            accelerator, evaluator, unet, noise_scheduler, ema, output_dir, global_step, train_seconds
+                        )
                     accelerator.wait_for_everyone()
-                if global_step % args.checkpointing_steps == 0 and global_step < max_train_steps:
+                if global_step % args.checkpointing_steps == 0 and not finished:
                     saved = checkpointing.save_checkpoint(
                         accelerator, output_dir, global_step, args.checkpoints_total_limit, args.to_dict(),
-                        run_files=_files_to_checkpoint(output_dir),
+                        run_files=_files_to_checkpoint(output_dir), train_seconds=train_seconds,
                     )  # fmt: skip
                     logger.info(f"Saved checkpoint {saved}")
-                if global_step % args.save_images_steps == 0 and global_step < max_train_steps:
+                if global_step % args.save_images_steps == 0 and not finished:
                     _save_samples(args, accelerator, unet, noise_scheduler, ema, output_dir, global_step)
                 if global_step % 50 == 0:
                     window_start, window_images = time.monotonic(), 0
                 if stop.signum is not None:
                     accelerator.set_trigger()
-                if accelerator.check_trigger() and global_step < max_train_steps:  # every process stops together
-                    _stop_on_signal(args, accelerator, output_dir, global_step, stop.signum)
-                if global_step >= max_train_steps:
+                if accelerator.check_trigger() and not finished:  # every process stops together
+                    _stop_on_signal(args, accelerator, output_dir, global_step, stop.signum, train_seconds)
+                if finished:
                     break
+                clock_start = time.monotonic()
+
+    if max_train_steps is None or global_step < max_train_steps:
+        logger.info(
+            f"Stopped at step {global_step}: {train_seconds / 60:.1f} minutes of training (--max_train_minutes)"
+        )
 
     if evaluator is not None and evaluator.last_step != global_step:  # the last step, when off the --eval_steps
-        _evaluate(accelerator, evaluator, unet, noise_scheduler, ema, output_dir, global_step)
+        _evaluate(accelerator, evaluator, unet, noise_scheduler, ema, output_dir, global_step, train_seconds)
     accelerator.wait_for_everyone()
     wall_time = time.monotonic() - started
     if accelerator.is_main_process:
@@ -304,10 +323,25 @@ def _read_loss_and_norm(losses: torch.Tensor, grad_norm: torch.Tensor | None) ->
     return mean_loss, norm
 
 
-def _stop_on_signal(args, accelerator: Accelerator, output_dir: Path, global_step: int, signum: int | None):
+def _finished(accelerator, args, global_step: int, max_train_steps: int | None, train_seconds: float) -> bool:
+    """Whether the run has trained its steps or its minutes. The main process's clock decides for all, so that every
+    process stops at the same step."""
+    if max_train_steps is not None and global_step >= max_train_steps:
+        return True
+    if args.max_train_minutes is None:
+        return False
+    out_of_time = train_seconds >= 60 * args.max_train_minutes
+    if accelerator.num_processes > 1:
+        out_of_time = bool(broadcast(torch.tensor([out_of_time], device=accelerator.device)).item())
+    return out_of_time
+
+
+def _stop_on_signal(
+    args, accelerator: Accelerator, output_dir: Path, global_step: int, signum: int | None, train_seconds: float
+):
     saved = checkpointing.save_checkpoint(
         accelerator, output_dir, global_step, args.checkpoints_total_limit, args.to_dict(),
-        run_files=_files_to_checkpoint(output_dir),
+        run_files=_files_to_checkpoint(output_dir), train_seconds=train_seconds,
     )  # fmt: skip
     name = signal.Signals(signum).name if signum is not None else "a signal on another process"
     raise TrainingInterrupted(
@@ -402,7 +436,7 @@ def _build_model(args: TrainingArguments, channels: int) -> UNet2DModel:
     return UNet2DModel.from_config(config)
 
 
-def _checkpoint_to_resume(args: TrainingArguments, output_dir: Path, max_train_steps: int) -> Path | None:
+def _checkpoint_to_resume(args: TrainingArguments, output_dir: Path, max_train_steps: int | None) -> Path | None:
     """The checkpoint to resume from, if any; one past this run's last step is refused, as nothing can undo steps."""
     if args.resume_from_checkpoint is None:
         return None
@@ -411,7 +445,7 @@ def _checkpoint_to_resume(args: TrainingArguments, output_dir: Path, max_train_s
         logger.info(f"No checkpoint in {output_dir} yet: starting from step 0")
         return None
     step = checkpointing.checkpoint_step(checkpoint)
-    if step > max_train_steps:
+    if max_train_steps is not None and step > max_train_steps:
         raise ValueError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: {checkpoint.name} is at step {step}, past the "
             f"{max_train_steps} step(s) this run trains for: raise --max_train_steps (or --num_epochs) to at least "
@@ -453,10 +487,12 @@ def _files_to_checkpoint(output_dir: Path) -> list[Path]:
     return [path for path in (output_dir / BEST_EVAL_NAME,) if path.is_file()]
 
 
-def _evaluate(accelerator, evaluator: TrainingEvaluator, unet, scheduler, ema, output_dir: Path, global_step: int):
+def _evaluate(
+    accelerator, evaluator: TrainingEvaluator, unet, scheduler, ema, output_dir: Path, global_step: int, train_seconds
+):
     """Evaluate on the main process and send the scores to the tracker."""
     with checkpointing.explain_disk_full(f"the evaluation at step {global_step}", output_dir):
-        record = evaluator.evaluate(accelerator.unwrap_model(unet), scheduler, ema, global_step)
+        record = evaluator.evaluate(accelerator.unwrap_model(unet), scheduler, ema, global_step, train_seconds)
     scores = {
         "eval/pixel_pca_fd": record["pixel_pca_fd"],
         "eval/pixel_pca_kid": record["pixel_pca_kid_mean"],

@@ -20,6 +20,8 @@ from .unet_presets import UNET_PRESETS, unet_config
 
 # piecewise_constant needs step rules that no flag passes: it would fail once training starts.
 LR_SCHEDULES = tuple(schedule.value for schedule in SchedulerType if schedule != SchedulerType.PIECEWISE_CONSTANT)
+# The schedules that need no run length, so that a run bounded by --max_train_minutes alone can use them.
+CONSTANT_SCHEDULES = (SchedulerType.CONSTANT.value, SchedulerType.CONSTANT_WITH_WARMUP.value)
 UNET_DEFAULT_DOWN_BLOCKS = inspect.signature(UNet2DModel.__init__).parameters["down_block_types"].default
 
 
@@ -83,6 +85,13 @@ class TrainingArguments:
         default=None,
     )
     max_train_steps: int | None = _help("Optimizer steps to train; overrides --num_epochs.", default=None)
+    max_train_minutes: float | None = _help(
+        "Stop after this many minutes of training, at the end of the step that reaches them, and save the pipeline "
+        "as at the end of a run; with --max_train_steps or --num_epochs as well, whichever comes first. "
+        "Evaluations, sample grids and checkpoints do not count; a resumed run's earlier minutes do. Suits a "
+        "constant learning rate (--lr_scheduler constant_with_warmup), which a stop at any step does not cut short.",
+        default=None,
+    )
     gradient_accumulation_steps: int = _help("Batches accumulated per optimizer step.", default=1)
     learning_rate: float = _help("Peak learning rate.", default=2e-4)
     lr_scheduler: str = _help(
@@ -159,6 +168,14 @@ class TrainingArguments:
         ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_train_minutes is not None and not self.max_train_minutes > 0:
+            raise ValueError(f"--max_train_minutes must be positive, got {self.max_train_minutes}.")
+        if self.max_train_minutes is not None and self.max_train_steps is None and self.num_epochs is None:
+            if self.lr_scheduler not in CONSTANT_SCHEDULES:
+                raise ValueError(
+                    f"--lr_scheduler {self.lr_scheduler} decays over the run's steps, and --max_train_minutes alone "
+                    "sets none: pass --lr_scheduler constant_with_warmup, or --max_train_steps as well."
+                )
         if self.eval_num_images < 2:
             raise ValueError(f"--eval_num_images must be at least 2, got {self.eval_num_images}.")
         if self.save_best and self.eval_steps is None:
@@ -220,10 +237,13 @@ class TrainingArguments:
         location = "--train_data_dir" if self.train_data_dir is not None else "--dataset_name"
         return error.naming(location=location, image_column="--image_column")
 
-    def total_train_steps(self, steps_per_epoch: int) -> int:
-        """Optimizer steps this run trains for, given the steps in one epoch."""
+    def total_train_steps(self, steps_per_epoch: int) -> int | None:
+        """Optimizer steps this run trains for, given the steps in one epoch; None when only --max_train_minutes
+        bounds it."""
         if self.max_train_steps is not None:
             return self.max_train_steps
+        if self.num_epochs is None and self.max_train_minutes is not None:
+            return None
         if self.num_epochs is None and self.uses_builtin_digits:
             return 1200
         return (self.num_epochs or 100) * steps_per_epoch

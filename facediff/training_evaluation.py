@@ -137,7 +137,14 @@ class TrainingEvaluator:
         """The step of the latest evaluation, None before the first."""
         return self.records[-1]["step"] if self.records else None
 
-    def evaluate(self, unet: UNet2DModel, scheduler: FaceDiffScheduler, ema: EMAModel | None, step: int) -> dict:
+    def evaluate(
+        self,
+        unet: UNet2DModel,
+        scheduler: FaceDiffScheduler,
+        ema: EMAModel | None,
+        step: int,
+        train_seconds: float | None = None,
+    ) -> dict:
         """
         Sample, score, append to `eval_log.jsonl`, keep the weights if they are the best so far, and warn when the
         model copies its training images.
@@ -151,9 +158,12 @@ class TrainingEvaluator:
                 The averaged weights, which are the ones evaluated (and saved at the end) when given.
             step (`int`):
                 The optimizer step just taken.
+            train_seconds (`float`, *optional*):
+                Seconds of training up to this step, recorded as `train_minutes` to plot quality against time.
 
         Returns:
-            `dict`: the record written: `step`, `num_images`, `inference_steps` and the `SCORES`.
+            `dict`: the record written: `step`, `train_minutes` (when given), `num_images`, `inference_steps` and
+            the `SCORES`.
         """
         args = self.args
         started = time.monotonic()
@@ -161,7 +171,10 @@ class TrainingEvaluator:
             unet, scheduler, args.eval_num_images, args.eval_inference_steps, args.seed, args.train_batch_size, ema
         )
         scores = self.scorer.score(samples)
-        record = {"step": step, "num_images": args.eval_num_images, "inference_steps": args.eval_inference_steps}
+        record = {"step": step}
+        if train_seconds is not None:
+            record["train_minutes"] = round(train_seconds / 60, 4)
+        record.update(num_images=args.eval_num_images, inference_steps=args.eval_inference_steps)
         record.update({name: scores[name] for name in SCORES})
         self.records.append(record)
         write_eval_log(self.output_dir, self.records)
@@ -270,7 +283,8 @@ def rewind_evaluations(output_dir: Path, checkpoint: Path | None) -> None:
 
 def plot_eval_curve(records: list[dict], path: Path, best_step: int | None = None) -> Path:
     """
-    Draw the pixel-PCA KID and the memorised share against the step as a PNG, atomically.
+    Draw the pixel-PCA KID and the memorised share against the minutes of training (against the step for a log
+    written before they were recorded) as a PNG, atomically.
 
     Args:
         records (`list[dict]`):
@@ -289,30 +303,35 @@ def plot_eval_curve(records: list[dict], path: Path, best_step: int | None = Non
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    steps = [record["step"] for record in records]
+    # A resumed run's log may mix records with and without minutes: one axis for all of them.
+    axis = "train_minutes" if all("train_minutes" in record for record in records) else "step"
+    xs = [record[axis] for record in records]
+    xlabel = "minutes of training" if axis == "train_minutes" else "step"
     figure = Figure(figsize=(9, 3.4), layout="constrained")
     FigureCanvasAgg(figure)
     kid, memorised = figure.subplots(1, 2)
     kid.errorbar(
-        steps,
+        xs,
         [record["pixel_pca_kid_mean"] for record in records],
         yerr=[record["pixel_pca_kid_std"] for record in records],
         marker="o",
         markersize=3,
         capsize=2,
     )
-    kid.set(title="pixel-PCA KID against the training images", xlabel="step", ylabel="KID (lower is closer)")
+    kid.set(title="pixel-PCA KID against the training images", xlabel=xlabel, ylabel="KID (lower is closer)")
     shares = [100 * record["memorised_share"] for record in records]
-    memorised.plot(steps, shares, marker="o", markersize=3)
+    memorised.plot(xs, shares, marker="o", markersize=3)
     warning = 100 * MEMORISATION_WARNING_SHARE
     memorised.axhline(warning, color="red", linestyle="--", linewidth=1, label=f"warning ({warning:g}%)")
-    memorised.set(title="samples that copy a training image", xlabel="step", ylabel="memorised (%)")
+    memorised.set(title="samples that copy a training image", xlabel=xlabel, ylabel="memorised (%)")
     memorised.set_ylim(0, max(2 * warning, 1.1 * max(shares)))
-    if best_step is not None:
+    best_x = next((record[axis] for record in records if record["step"] == best_step), None)
+    if best_x is not None:
         for axes in (kid, memorised):
-            axes.axvline(best_step, color="green", linestyle=":", linewidth=1, label="saved (--save_best)")
-    for axes in (kid, memorised):
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axes.axvline(best_x, color="green", linestyle=":", linewidth=1, label="saved (--save_best)")
+    if axis == "step":
+        for axes in (kid, memorised):
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     memorised.legend(loc="upper left")
     with atomic_write(path) as partial:
         figure.savefig(partial, format="png", dpi=100)

@@ -17,10 +17,12 @@ from facediff.training_args import parse_training_arguments
 from .conftest import FACES, TINY_GRAY_UNET, record_batches
 
 PROBE = Path(__file__).with_name("launch_probe.py")
+# The steps end the run; --max_train_minutes makes the processes agree on the clock at every step all the same.
 FLAGS = ["--train_data_dir", str(FACES), "--mixed_precision", "no", "--max_train_samples", "64", "--resolution", "16",
          "--model_config_name_or_path", str(TINY_GRAY_UNET), "--train_batch_size", "8", "--max_train_steps", "4",
          "--checkpointing_steps", "2", "--save_images_steps", "2", "--eval_batch_size", "4",
-         "--num_inference_steps", "2", "--random_flip"]  # fmt: skip
+         "--num_inference_steps", "2", "--random_flip",
+         "--max_train_minutes", "60"]  # fmt: skip
 
 
 def free_port() -> int:

@@ -54,7 +54,11 @@ def test_evaluations_are_logged_plotted_and_shown_on_the_card(tmp_path):
 
     records = records_of(output)
     assert [record["step"] for record in records] == [2, 4, 5]  # every 2 steps, and the last
-    assert all(record.keys() == {"step", "num_images", "inference_steps", *SCORES} for record in records)
+    assert all(
+        record.keys() == {"step", "train_minutes", "num_images", "inference_steps", *SCORES} for record in records
+    )
+    minutes = [record["train_minutes"] for record in records]
+    assert 0 < minutes[0] <= minutes[1] <= minutes[2] < 1 and minutes[0] < minutes[2]
     assert all(record["num_images"] == 8 and record["inference_steps"] == 3 for record in records)
     logged = EventAccumulator(str(output / "logs" / "facediff")).Reload()  # the tracker's scalars, not its hparams
     for tag in ("eval/pixel_pca_fd", "eval/pixel_pca_kid", "eval/pixel_pca_kid_std", "eval/memorised_share"):
@@ -67,7 +71,7 @@ def test_evaluations_are_logged_plotted_and_shown_on_the_card(tmp_path):
     assert "## During training" in card and "![Evaluations during training](eval_curve.png)" in card
     assert "3 evaluations while training, each of 8 samples (seeds 0 to 7, 3 respaced steps, EMA weights)" in card
     assert "against the 16 training images" in card
-    assert f"| 4 | {records[1]['pixel_pca_fd']:.3f} |" in card
+    assert f"| 4 | {records[1]['train_minutes']:.1f} | {records[1]['pixel_pca_fd']:.3f} |" in card
     assert "{{" not in card and "None" not in card and "--save_best" not in card
     assert not (output / BEST_EVAL_NAME).exists()
 
@@ -172,8 +176,8 @@ def test_a_stopped_and_resumed_run_evaluates_as_a_straight_one(tmp_path, monkeyp
     # Stopped as a kill would stop it after evaluating step 3, past its checkpoint-2: step 3 is trained again.
     evaluate = TrainingEvaluator.evaluate
 
-    def stop_after_step_3(self, unet, scheduler, ema, step):
-        record = evaluate(self, unet, scheduler, ema, step)
+    def stop_after_step_3(self, unet, scheduler, ema, step, train_seconds):
+        record = evaluate(self, unet, scheduler, ema, step, train_seconds)
         if step == 3:
             raise Interrupted
         return record
@@ -187,8 +191,12 @@ def test_a_stopped_and_resumed_run_evaluates_as_a_straight_one(tmp_path, monkeyp
     assert [record["step"] for record in records_of(resumed)] == [1, 2, 3]
     train(parse_training_arguments(tiny_run(resumed, *flags, "--resume_from_checkpoint", "latest")))
 
-    assert (resumed / "eval_log.jsonl").read_bytes() == (tmp_path / "straight" / "eval_log.jsonl").read_bytes()
-    assert [record["step"] for record in records_of(resumed)] == [1, 2, 3, 4, 5, 6]
+    # The same evaluations, but for the clock: a resume counts on from the minutes its checkpoint recorded.
+    resumed_records, straight_records = records_of(resumed), records_of(tmp_path / "straight")
+    minutes = [record.pop("train_minutes") for record in resumed_records]
+    assert minutes == sorted(minutes) and minutes[0] > 0
+    assert resumed_records == [{k: v for k, v in record.items() if k != "train_minutes"} for record in straight_records]
+    assert [record["step"] for record in resumed_records] == [1, 2, 3, 4, 5, 6]
     # safetensors writes its metadata in no fixed order: compare what the files hold, not their bytes.
     assert read_best_eval(resumed) == read_best_eval(tmp_path / "straight")
     best, straight_best = load_file(resumed / BEST_EVAL_NAME), load_file(tmp_path / "straight" / BEST_EVAL_NAME)

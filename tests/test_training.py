@@ -1,7 +1,9 @@
 """Training end to end on real faces, exact resume, checkpoints, and what the output folder holds."""
 
 import json
+import logging
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 
 import facediff.training as training
 from facediff import FaceDiffPipeline
-from facediff.checkpointing import list_checkpoints, resolve_checkpoint
+from facediff.checkpointing import STATE_FILE, list_checkpoints, resolve_checkpoint
 from facediff.training import NonFiniteLossError, train
 from facediff.training_args import parse_training_arguments
 
@@ -290,3 +292,44 @@ def test_yaml_no_is_the_mixed_precision_choice_no(tmp_path):
     # YAML 1.1 reads an unquoted `no` as false.
     (tmp_path / "run.yaml").write_text("output_dir: out\nmixed_precision: no\n")
     assert parse_training_arguments([str(tmp_path / "run.yaml")]).mixed_precision == "no"
+
+
+def test_max_train_minutes_alone_ends_the_run_and_saves_it(tmp_path, caplog):
+    flags = tiny_run(tmp_path / "run", "--train_data_dir", str(FACES), "--lr_scheduler", "constant_with_warmup",
+                     "--max_train_minutes", "1e-6")  # fmt: skip
+    args = replace(parse_training_arguments(flags), max_train_steps=None)  # bounded by the clock alone
+    with caplog.at_level(logging.INFO, logger="facediff.training"):
+        result = train(args)
+    assert result.global_step == 1  # the first step already takes longer than 60 microseconds
+    assert "Stopped at step 1: 0.0 minutes of training (--max_train_minutes)" in caplog.text
+    assert (tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "run" / "sample_grid.png").is_file()
+
+
+def test_max_train_minutes_counts_the_minutes_before_a_resume(tmp_path, monkeypatch):
+    flags = tiny_run(tmp_path / "run", "--train_data_dir", str(FACES), "--max_train_steps", "6")
+    train_until_the_first_checkpoint(monkeypatch, flags)
+    state_file = tmp_path / "run" / "checkpoint-2" / STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert 0 < state["train_seconds"] < 60
+    state["train_seconds"] = 600.0  # as if the first two steps had taken ten minutes
+    state_file.write_text(json.dumps(state))
+
+    result = train(
+        parse_training_arguments([*flags, "--resume_from_checkpoint", "latest", "--max_train_minutes", "10"])
+    )
+    assert result.global_step == 2  # the budget was spent before the resume: no step more
+    assert (tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_max_train_minutes_alone_needs_a_constant_schedule(tmp_path):
+    with pytest.raises(ValueError) as refused:
+        parse_training_arguments(["--output_dir", str(tmp_path / "run"), "--max_train_minutes", "5"])
+    assert str(refused.value) == (
+        "--lr_scheduler cosine decays over the run's steps, and --max_train_minutes alone sets none: pass "
+        "--lr_scheduler constant_with_warmup, or --max_train_steps as well."
+    )
+    assert not (tmp_path / "run").exists()
+    assert parse_training_arguments(["--max_train_minutes", "5", "--max_train_steps", "100"]).max_train_minutes == 5
+    with pytest.raises(ValueError, match=r"^--max_train_minutes must be positive, got 0.0.$"):
+        parse_training_arguments(["--max_train_minutes", "0", "--lr_scheduler", "constant"])

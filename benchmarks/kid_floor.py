@@ -1,0 +1,65 @@
+"""How low can a model's pixel-PCA KID against its training images go? Two floors, from real images alone.
+
+    python benchmarks/kid_floor.py --train_data_dir ../shared/datasets/olivetti-faces/train --resolution 32
+
+- drawn from the reference: N real images drawn from the training set, scored against the whole set, as
+  `stock_loop.py` and `quality_vs_time.py` compute their floor. The N images are in the reference too, so this is
+  where a model that copies its training images lands, below any model that draws new faces.
+- held out: N real images scored against the other training images (the reference without them): what a model
+  that draws new faces of the same people, as unlike their training images as real photographs are, would score.
+
+Mean and standard deviation over --repeats random draws of N images.
+"""
+
+import argparse
+
+import numpy as np
+import torch
+from model_flags import describe_cpu
+
+from facediff import data
+from facediff.evaluation import SampleEvaluator
+
+
+def training_pixels(train_data_dir: str, resolution: int) -> torch.Tensor:
+    """The training images as training reads them: uint8 (N, C, H, W)."""
+    source = data.ImageSource(location=train_data_dir, is_image_folder=True, resolution=resolution)
+    raw, column = data.load_raw_dataset(source)
+    pixels = data.preprocess_images(raw, column, source, data.detect_channels(raw, column))[:][data.PIXELS]
+    return pixels.to(torch.uint8)
+
+
+def floors(pixels: torch.Tensor, num_images: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Mean and standard deviation of the two floors' pixel-PCA KID over `repeats` draws of `num_images` images."""
+    whole = SampleEvaluator(pixels)
+    rng = np.random.default_rng(0)
+    drawn, held_out = [], []
+    for _ in range(repeats):
+        order = rng.permutation(len(pixels))
+        chosen, rest = pixels[order[:num_images]], pixels[order[num_images:]]
+        drawn.append(whole.score(chosen)["pixel_pca_kid_mean"])
+        held_out.append(SampleEvaluator(rest).score(chosen)["pixel_pca_kid_mean"])
+    return {
+        "drawn from the reference": (float(np.mean(drawn)), float(np.std(drawn))),
+        "held out of the reference": (float(np.mean(held_out)), float(np.std(held_out))),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train_data_dir", required=True)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--num-images", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+
+    pixels = training_pixels(args.train_data_dir, args.resolution)
+    print(f"{describe_cpu()}; {args.num_images} real images at {args.resolution}px, {args.repeats} draws")
+    print("| floor | pixel-PCA KID, mean ± std | mean + 2 std |")
+    print("|---|---:|---:|")
+    for name, (mean, std) in floors(pixels, args.num_images, args.repeats).items():
+        print(f"| {name} | {mean:.4f} ± {std:.4f} | {mean + 2 * std:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
