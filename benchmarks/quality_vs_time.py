@@ -62,7 +62,7 @@ def plot(stock: list[dict], recipe: list[dict], real: dict, name: str, path: Pat
     for (floor, (mean, std)), color in zip(real.items(), ("green", "gray"), strict=True):
         axes.axhspan(mean - 2 * std, mean + 2 * std, color=color, alpha=0.2, label=f"real faces {floor} (± 2 std)")
     axes.set_yscale("symlog", linthresh=0.01)
-    axes.set(xlabel="minutes of training", ylabel="pixel-PCA KID against the training images (lower is closer)")
+    axes.set(xlabel="minutes of training", ylabel="pixel-PCA KID vs training images")
     axes.set_title(describe_cpu(), fontsize=8)
     axes.legend()
     figure.savefig(path, format="png", dpi=100)
