@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from kid_floor import floors, training_pixels
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -84,8 +85,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     marks = sorted(args.minutes)
-    with open(args.config) as config:
-        resolution = next((line.split(":")[1].strip() for line in config if line.startswith("resolution:")), "32")
+    resolution = str(yaml.safe_load(Path(args.config).read_text()).get("resolution", 32))
 
     stock_path, recipe_dir = out / "stock.jsonl", out / "recipe"
     if not args.replot and not (
