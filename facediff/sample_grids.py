@@ -133,9 +133,28 @@ def draw(
             progress.update(len(indices))
 
 
+def grid_shape(num_images: int) -> tuple[int, int]:
+    """
+    Rows and columns of a near-square grid: an exact fit when one is at most twice as wide as it is tall (32 images:
+    4x8), else the smallest square-ish grid with blank cells at the end (7 images: 3x3).
+
+    Args:
+        num_images (`int`):
+            How many images, at least 1.
+
+    Returns:
+        `tuple[int, int]`
+    """
+    side = math.sqrt(num_images)
+    cols = next((cols for cols in range(math.ceil(side), num_images + 1) if num_images % cols == 0), num_images)
+    if cols > 2 * side:
+        cols = math.ceil(side)
+    return math.ceil(num_images / cols), cols
+
+
 def save_grid(images: list[Image.Image], path: str | os.PathLike) -> Path:
     """
-    Save images as one near-square grid PNG, atomically.
+    Save images as one near-square grid PNG (`grid_shape`), atomically.
 
     Args:
         images (`list[PIL.Image.Image]`):
@@ -146,8 +165,7 @@ def save_grid(images: list[Image.Image], path: str | os.PathLike) -> Path:
     Returns:
         `Path`
     """
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
+    rows, cols = grid_shape(len(images))
     padded = images + [Image.new(images[0].mode, images[0].size)] * (rows * cols - len(images))
     grid = make_image_grid(padded, rows=rows, cols=cols)
     path = Path(path)

@@ -547,9 +547,13 @@ def _save_final(
                 f'FaceDiffPipeline.from_pretrained("{output_dir}").push_to_hub("{repo_id}").'
             ) from error
         logger.info(f"Pushed the pipeline to {commit.repo_url} ({commit.commit_url})")
+    if best is not None:
+        weights = f" (the weights of step {best_step}'s evaluation, the best: --save_best)"
+    else:
+        weights = " (EMA weights)" if ema is not None else ""
     logger.info(
-        f"Saved the pipeline{' (EMA weights)' if ema is not None else ''}, its model card and sample grid "
-        f"({grid}) in {output_dir}; logs in {output_dir / args.logging_dir}"
+        f"Saved the pipeline{weights}, its model card and sample grid ({grid}) in {output_dir}; logs in "
+        f"{output_dir / args.logging_dir}"
     )
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from facediff import FaceDiffPipeline, FaceDiffScheduler, build_unet
 from facediff.cli import main
+from facediff.sample_grids import grid_shape
 
 
 def pixels(path) -> np.ndarray:
@@ -25,6 +26,13 @@ def test_sample_writes_one_png_per_image_and_a_grid(gray_pipeline, tmp_path):
     assert Image.open(tmp_path / "batched" / "grid.png").size == (48, 32)  # 5 images of 16x16 on a 3x2 grid
     for name in names[:-1]:  # image i depends on its seed only, not on the batch it was drawn in
         assert np.abs(pixels(tmp_path / "batched" / name) - pixels(tmp_path / "single" / name)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("num_images", "shape"), [(1, (1, 1)), (5, (2, 3)), (7, (3, 3)), (12, (3, 4)), (32, (4, 8)), (36, (6, 6))]
+)
+def test_grid_shape_fills_every_cell_when_a_near_square_grid_can(num_images, shape):
+    assert grid_shape(num_images) == shape
 
 
 def test_sampler_options(gray_pipeline, tmp_path):

@@ -119,6 +119,7 @@ def scores_in_turn(monkeypatch, turns: list[tuple[float, float]]) -> None:
 def test_save_best_saves_the_best_evaluation_that_does_not_copy(tmp_path, monkeypatch, caplog):
     # Step 4 scores best; step 6 lower still, but with half of its samples copies.
     scores_in_turn(monkeypatch, [(3.0, 0.0), (1.0, 0.0), (0.5, 0.5)])
+    caplog.set_level(logging.INFO, logger="facediff.training")
     output = tmp_path / "run"
     flags = [*EVALUATED, "--max_train_steps", "6", "--eval_steps", "2", "--use_ema", "false", "--save_best"]
     result = train(parse_training_arguments(tiny_run(output, *flags)))
@@ -135,6 +136,7 @@ def test_save_best_saves_the_best_evaluation_that_does_not_copy(tmp_path, monkey
     assert "the trained weights (no EMA) of step 4, the best evaluation during training (`--save_best`)" in card
     assert "| **4** (saved) |" in card and "The saved weights are those of step 4" in card
     assert "At step 6, 50% of the evaluation's samples are copies" in caplog.text
+    assert "Saved the pipeline (the weights of step 4's evaluation, the best: --save_best)" in caplog.text
 
 
 def test_overwrite_output_dir_removes_the_old_runs_evaluations(tmp_path, monkeypatch):

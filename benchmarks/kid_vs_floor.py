@@ -1,0 +1,78 @@
+"""Is a model within the real-subset floor? Its pixel-PCA KID over several seed sets, beside the two floors.
+
+    python benchmarks/kid_vs_floor.py olivetti-32 other-model \
+        --train_data_dir ../shared/datasets/olivetti-faces/train --steps 1000 100 --sets 4
+
+One 100-sample KID moves with the noise drawn by more than its printed ± (which covers the reference's subsets
+only), so a model is scored as the floor is: --sets sets of --num-images samples (seeds --seed, --seed + N, ...),
+each scored against the training images, and reported as mean ± std over the sets, beside the floors of
+`kid_floor.py` (50 draws of as many real images: drawn from the reference, and held out of it). The samples are
+drawn in the precision `facediff sample` picks (`--dtype auto`: bfloat16 where the CPU computes it natively).
+"""
+
+import argparse
+
+import numpy as np
+import torch
+from kid_floor import floors, training_pixels
+from model_flags import describe_cpu
+
+from facediff import FaceDiffPipeline
+from facediff.evaluation import SampleEvaluator
+from facediff.precision import auto_dtype
+from facediff.sample_grids import draw
+
+
+def score_sets(
+    pipeline: FaceDiffPipeline, evaluator: SampleEvaluator, steps: int, sets: int, num_images: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-PCA KID and memorised share of each of `sets` sets of `num_images` samples."""
+    batches = draw(pipeline, sets * num_images, steps, seed, num_images, "pt")
+    kids, memorised = [], []
+    for _, images in batches:
+        scores = evaluator.score(images.mul(255).round().to(torch.uint8).cpu())
+        kids.append(scores["pixel_pca_kid_mean"])
+        memorised.append(scores["memorised_share"])
+    return np.array(kids), np.array(memorised)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="pipeline folders")
+    parser.add_argument("--train_data_dir", required=True)
+    parser.add_argument("--steps", type=int, nargs="+", default=[1000])
+    parser.add_argument("--sets", type=int, default=4)
+    parser.add_argument("--num-images", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--variance-type", choices=["fixed_large", "fixed_small"], default=None)
+    args = parser.parse_args()
+
+    dtype, reason = auto_dtype("cpu")
+    pipelines = {model: FaceDiffPipeline.from_pretrained(model, torch_dtype=dtype) for model in args.models}
+    if args.variance_type is not None:
+        for pipeline in pipelines.values():
+            pipeline.scheduler = pipeline.scheduler.from_config(
+                pipeline.scheduler.config, variance_type=args.variance_type
+            )
+    resolution = next(iter(pipelines.values())).unet.config.sample_size
+    pixels = training_pixels(args.train_data_dir, resolution)
+    evaluator = SampleEvaluator(pixels, count_mirrored_copies=True)
+    rows = []
+    for model, pipeline in pipelines.items():
+        for steps in args.steps:
+            kids, memorised = score_sets(pipeline, evaluator, steps, args.sets, args.num_images, args.seed)
+            rows.append((model, steps, kids, memorised))
+
+    print(f"{describe_cpu()}; sampled in {reason}")
+    print(f"{args.sets} sets of {args.num_images} samples (seeds from {args.seed}), against {len(pixels)} images")
+    print("| | steps | pixel-PCA KID, mean ± std over sets | per set | memorised (max) |")
+    print("|---|---:|---:|---|---:|")
+    for name, (mean, std) in floors(pixels, args.num_images, 50).items():
+        print(f"| floor: {name} (mean + 2 std: {mean + 2 * std:.4f}) | | {mean:.4f} ± {std:.4f} | | |")
+    for model, steps, kids, memorised in rows:
+        per_set = ", ".join(f"{kid:.4f}" for kid in kids)
+        print(f"| {model} | {steps} | {kids.mean():.4f} ± {kids.std():.4f} | {per_set} | {memorised.max():.1%} |")
+
+
+if __name__ == "__main__":
+    main()
