@@ -269,7 +269,9 @@ def train(args: TrainingArguments) -> TrainingResult:
                             accelerator, evaluator, unet, noise_scheduler, ema, output_dir, global_step, train_seconds
                         )
                     accelerator.wait_for_everyone()
-                if global_step % args.checkpointing_steps == 0 and not finished:
+                # The last step too, as diffusers' example does: the same command with more steps or minutes and
+                # --resume_from_checkpoint latest extends a finished run where it ended.
+                if global_step % args.checkpointing_steps == 0 or finished:
                     saved = checkpointing.save_checkpoint(
                         accelerator, output_dir, global_step, args.checkpoints_total_limit, args.to_dict(),
                         run_files=_files_to_checkpoint(output_dir), train_seconds=train_seconds,

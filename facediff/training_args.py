@@ -116,7 +116,12 @@ class TrainingArguments:
     # Checkpoints, samples, logs
     checkpointing_steps: int = _help("Save a resumable checkpoint every this many steps.", default=500)
     checkpoints_total_limit: int | None = _help("Keep at most this many checkpoints.", default=None)
-    resume_from_checkpoint: str | None = _help('A checkpoint folder, or "latest".', default=None)
+    resume_from_checkpoint: str | None = _help(
+        'A checkpoint folder, or "latest". Every run ends with a checkpoint, so the same command with a larger '
+        "--max_train_steps, --num_epochs or --max_train_minutes extends a finished run; a decaying --lr_scheduler is "
+        "then stretched to the new length (as diffusers' train_unconditional.py does), so the rate rises again.",
+        default=None,
+    )
     save_images_steps: int = _help("Save a sample grid every this many steps (and at the end).", default=500)
     eval_batch_size: int = _help("Images in each sample grid.", default=16)
     num_inference_steps: int = _help("Sampling steps for the sample grids (respaced).", default=100)

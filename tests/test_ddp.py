@@ -79,7 +79,7 @@ def test_two_processes_split_the_batch_and_stay_in_sync(two_process_run, tmp_pat
     written_by_main = {Path(path).name for path in ranks[0]["writes"]}
     assert {".sample_grid.png.partial", ".README.md.partial", "model_index.json"} <= written_by_main
     assert all(path.startswith(".checkpoint-") for path in ranks[1]["writes"]), ranks[1]["writes"]
-    assert len(list(output.rglob("*.safetensors"))) == 2  # the pipeline's UNet and checkpoint-2's model
+    assert len(list(output.rglob("*.safetensors"))) == 3  # the pipeline's UNet and the models of checkpoints 2 and 4
     assert sorted(path.name for path in (output / "checkpoint-2").glob("random_states_*")) == [
         "random_states_0.pkl",
         "random_states_1.pkl",
@@ -92,7 +92,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_pa
     output = tmp_path / "run"
     shutil.copytree(two_process_run[0], output)  # the launched run's folder stays as it was, for the other test
     batches = record_batches(monkeypatch)
-    resumed = [*FLAGS, "--output_dir", str(output), "--resume_from_checkpoint", "latest"]
+    resumed = [*FLAGS, "--output_dir", str(output), "--resume_from_checkpoint", "checkpoint-2"]
     result = train(parse_training_arguments(resumed))
     assert result.global_step == 4
     assert len(batches) == 2  # steps 3 and 4 only

@@ -59,7 +59,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     monkeypatch.setattr(torch, "save", real_save)
     AcceleratorState._reset_state(reset_partial_state=True)
     result = train(parse_training_arguments(flags(output, "--resume_from_checkpoint", "latest")))
-    assert result.global_step == 3 and [path.name for path in list_checkpoints(output)] == ["checkpoint-2"]
+    assert result.global_step == 3 and [path.name for path in list_checkpoints(output)] == ["checkpoint-3"]
     assert (output / "model_index.json").exists()
 
 
@@ -92,7 +92,8 @@ def test_a_full_disk_during_the_final_save_keeps_the_previous_pipeline(tmp_path,
 
     monkeypatch.setattr(UNet2DModel, "save_pretrained", disk_full)
     resumed = flags(output, "--resume_from_checkpoint", "latest")  # one step more than the first run
-    with pytest.raises(DiskFullError, match=r"is full: the final pipeline could not be written \(checkpoint-2 is the"):
+    # The extra step is kept: its checkpoint is written before the pipeline.
+    with pytest.raises(DiskFullError, match=r"is full: the final pipeline could not be written \(checkpoint-3 is the"):
         train(parse_training_arguments(resumed))
     assert {name: folder_state(output / name) for name in pipeline} == before
     assert not [path for path in output.iterdir() if path.name.startswith(".facediff")]

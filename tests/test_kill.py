@@ -46,7 +46,7 @@ KILL_POINTS = [
     ("step", 5, "checkpoint-4"),  # mid-step 5
     ("checkpoint", 2, "checkpoint-2"),  # checkpoint-4 written but not yet renamed
     ("grid", 1, "checkpoint-2"),  # the step-3 sample grid half done
-    ("final", 1, "checkpoint-4"),  # the final pipeline half moved into place
+    ("final", 1, "checkpoint-5"),  # the final pipeline half moved into place, after the last step's checkpoint
 ]
 
 

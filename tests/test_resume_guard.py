@@ -31,7 +31,9 @@ def finished_run(tmp_path_factory):
 
 @pytest.fixture
 def run(finished_run, tmp_path):
+    """The finished run without its last step's checkpoint: resuming it starts from checkpoint-2, mid-run."""
     shutil.copytree(finished_run, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
     return tmp_path / "run"
 
 
@@ -128,7 +130,8 @@ def test_a_resume_at_the_last_step_saves_without_training(tmp_path, monkeypatch)
     train(parse_training_arguments(flags))
     AcceleratorState._reset_state(reset_partial_state=True)
     trained = record_batches(monkeypatch)
-    result = train(parse_training_arguments([*flags, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]))
+    resumed = [*flags, "--max_train_steps", "2", "--resume_from_checkpoint", "checkpoint-2"]
+    result = train(parse_training_arguments(resumed))
     assert result.global_step == 2 and trained == []
 
 

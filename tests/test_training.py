@@ -40,7 +40,7 @@ def test_trains_on_gray_faces_end_to_end(tmp_path):
     image = pipeline(num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.mode == "L" and image.size == (16, 16)
 
-    assert [path.name for path in list_checkpoints(output)] == ["checkpoint-2"]
+    assert [path.name for path in list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]  # the last step too
     assert Image.open(output / "sample_grid.png").size == (32, 32)  # 4 images of 16x16 as 2x2
     assert (output / "samples" / "step-000002.png").exists()
     assert list((output / "logs").rglob("events.out.tfevents.*"))
@@ -114,6 +114,24 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     assert all(torch.equal(final_a[key], final_b[key]) for key in final_a)
 
 
+def test_a_finished_run_extends_exactly(tmp_path):
+    # 24 images make 3 steps an epoch; a constant rate, so the first 3 steps do not depend on the length.
+    flags = ["--train_data_dir", str(FACES), "--max_train_samples", "24", "--random_flip", "--lr_scheduler", "constant",
+             "--checkpointing_steps", "100", "--max_train_steps", "3"]  # fmt: skip
+    train(parse_training_arguments(tiny_run(tmp_path / "extended", *flags)))
+    assert [path.name for path in list_checkpoints(tmp_path / "extended")] == ["checkpoint-3"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    more = [*flags[:-2], "--max_train_steps", "6"]
+    extend = [*more, "--resume_from_checkpoint", "latest"]
+    assert train(parse_training_arguments(tiny_run(tmp_path / "extended", *extend))).global_step == 6
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(parse_training_arguments(tiny_run(tmp_path / "straight", *more)))
+
+    for name in ("unet/diffusion_pytorch_model.safetensors", "checkpoint-6/model.safetensors"):
+        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "extended" / name)
+        assert all(torch.equal(a[key], b[key]) for key in a), name
+
+
 def _nested_equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and torch.equal(a, b)
@@ -131,11 +149,11 @@ def test_checkpoints_rotate_and_partial_ones_are_never_latest(tmp_path):
     flags = ["--train_data_dir", str(FACES), "--max_train_samples", "16", "--max_train_steps", "7",
              "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--save_images_steps", "100"]  # fmt: skip
     train(parse_training_arguments(tiny_run(output, *flags)))
-    assert [path.name for path in list_checkpoints(output)] == ["checkpoint-5", "checkpoint-6"]
+    assert [path.name for path in list_checkpoints(output)] == ["checkpoint-6", "checkpoint-7"]
     # What a kill during a save leaves behind: a staging folder, and a checkpoint-N folder without its state file.
-    shutil.copytree(output / "checkpoint-6", output / ".checkpoint-9.partial")
+    shutil.copytree(output / "checkpoint-7", output / ".checkpoint-9.partial")
     (output / "checkpoint-12").mkdir()
-    assert resolve_checkpoint("latest", output) == output / "checkpoint-6"
+    assert resolve_checkpoint("latest", output) == output / "checkpoint-7"
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
