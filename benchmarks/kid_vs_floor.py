@@ -5,7 +5,8 @@
 
 One 100-sample KID moves with the noise drawn by more than its printed ± (which covers the reference's subsets
 only), so a model is scored as the floor is: --sets sets of --num-images samples (seeds --seed, --seed + N, ...),
-each scored against the training images, and reported as mean ± std over the sets, beside the floors of
+each scored against the training images (a sample whose mirror image copies one counts as memorised, as for a
+model trained with flips), and reported as mean ± std over the sets, beside the floors of
 `kid_floor.py` (50 draws of as many real images: drawn from the reference, and held out of it). The samples are
 drawn in the precision `facediff sample` picks (`--dtype auto`: bfloat16 where the CPU computes it natively).
 """

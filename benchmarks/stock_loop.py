@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
-from diffusers.utils import make_image_grid
 from model_flags import describe_cpu
 
 from facediff import build_unet, data
 from facediff.evaluation import SampleEvaluator
+from facediff.sample_grids import save_grid
 
 
 def evaluate(unet, ema, evaluator, num_images: int, steps: int, seed: int, grid_path: Path) -> dict:
@@ -45,7 +45,7 @@ def evaluate(unet, ema, evaluator, num_images: int, steps: int, seed: int, grid_
         unet.train()
         ema.restore(unet.parameters())
     samples = torch.from_numpy((images * 255).round().astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
-    make_image_grid(DDPMPipeline.numpy_to_pil(images[:16]), rows=2, cols=8).save(grid_path)
+    save_grid(DDPMPipeline.numpy_to_pil(images[:16]), grid_path)
     return evaluator.score(samples)
 
 
@@ -72,6 +72,7 @@ def main():
         for _ in range(10)
     ]
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     header = {
         "cpu": describe_cpu(),
         "real_subset_kid_mean": float(np.mean(floor)),

@@ -490,7 +490,14 @@ def _files_to_checkpoint(output_dir: Path) -> list[Path]:
 
 
 def _evaluate(
-    accelerator, evaluator: TrainingEvaluator, unet, scheduler, ema, output_dir: Path, global_step: int, train_seconds
+    accelerator,
+    evaluator: TrainingEvaluator,
+    unet,
+    scheduler,
+    ema,
+    output_dir: Path,
+    global_step: int,
+    train_seconds: float,
 ):
     """Evaluate on the main process and send the scores to the tracker."""
     with checkpointing.explain_disk_full(f"the evaluation at step {global_step}", output_dir):

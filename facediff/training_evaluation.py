@@ -143,7 +143,7 @@ class TrainingEvaluator:
         scheduler: FaceDiffScheduler,
         ema: EMAModel | None,
         step: int,
-        train_seconds: float | None = None,
+        train_seconds: float,
     ) -> dict:
         """
         Sample, score, append to `eval_log.jsonl`, keep the weights if they are the best so far, and warn when the
@@ -158,12 +158,11 @@ class TrainingEvaluator:
                 The averaged weights, which are the ones evaluated (and saved at the end) when given.
             step (`int`):
                 The optimizer step just taken.
-            train_seconds (`float`, *optional*):
+            train_seconds (`float`):
                 Seconds of training up to this step, recorded as `train_minutes` to plot quality against time.
 
         Returns:
-            `dict`: the record written: `step`, `train_minutes` (when given), `num_images`, `inference_steps` and
-            the `SCORES`.
+            `dict`: the record written: `step`, `train_minutes`, `num_images`, `inference_steps` and the `SCORES`.
         """
         args = self.args
         started = time.monotonic()
@@ -171,10 +170,12 @@ class TrainingEvaluator:
             unet, scheduler, args.eval_num_images, args.eval_inference_steps, args.seed, args.train_batch_size, ema
         )
         scores = self.scorer.score(samples)
-        record = {"step": step}
-        if train_seconds is not None:
-            record["train_minutes"] = round(train_seconds / 60, 4)
-        record.update(num_images=args.eval_num_images, inference_steps=args.eval_inference_steps)
+        record = {
+            "step": step,
+            "train_minutes": round(train_seconds / 60, 4),
+            "num_images": args.eval_num_images,
+            "inference_steps": args.eval_inference_steps,
+        }
         record.update({name: scores[name] for name in SCORES})
         self.records.append(record)
         write_eval_log(self.output_dir, self.records)
