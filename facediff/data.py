@@ -24,6 +24,7 @@ from .locations import is_saved_dataset
 logger = logging.getLogger(__name__)
 
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+HIGH_BIT_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 IMAGE_EXTENSIONS = {ext.lower() for ext in datasets.packaged_modules.imagefolder.ImageFolder.EXTENSIONS}
 PIXELS = "pixel_values"
 
@@ -53,6 +54,10 @@ class ImageSource:
             Draws that subset and the crops.
         num_workers (`int`, *optional*):
             Processes that decode; default: see `preprocessing_processes`.
+        config_name (`str`, *optional*):
+            The configuration of a dataset that has several (`datasets.load_dataset`'s `name`).
+        preserve_precision (`bool`, defaults to `False`):
+            Keep 16- and 32-bit grayscale levels: pixels are float32 on the 0-255 scale instead of uint8.
     """
 
     location: str | None = None
@@ -64,6 +69,8 @@ class ImageSource:
     limit: int | None = None
     seed: int = 0
     num_workers: int | None = None
+    config_name: str | None = None
+    preserve_precision: bool = False
 
     def describe(self) -> str:
         """The source as an `ImageSourceError` names it."""
@@ -123,7 +130,7 @@ def load_raw_dataset(source: ImageSource) -> tuple[datasets.Dataset, str]:
     elif location is not None and is_saved_dataset(location):
         dataset = datasets.load_from_disk(location)
     elif location is not None:  # a Hub id, or a folder load_dataset reads (a clone of a Hub dataset repo)
-        dataset = datasets.load_dataset(location, cache_dir=source.cache_dir)
+        dataset = datasets.load_dataset(location, source.config_name, cache_dir=source.cache_dir)
     else:
         from .digits import FOLDER_NAME, digits_image_folder
 
@@ -177,15 +184,17 @@ def preprocess_images(
             1 or 3.
 
     Returns:
-        `datasets.Dataset`: one column, `pixel_values`, uint8 of shape (channels, resolution, resolution).
+        `datasets.Dataset`: one column, `pixel_values`, of shape (channels, resolution, resolution): uint8, or
+        float32 on the same 0-255 scale with `source.preserve_precision`.
 
     Raises:
         `ImageSourceError`: when no image can be read.
     """
     resolution = source.resolution
+    dtype = "float32" if source.preserve_precision else "uint8"
     features = datasets.Features(
         {
-            PIXELS: datasets.Array3D(shape=(channels, resolution, resolution), dtype="uint8"),
+            PIXELS: datasets.Array3D(shape=(channels, resolution, resolution), dtype=dtype),
             "error": datasets.Value("string"),
         }
     )
@@ -202,6 +211,7 @@ def preprocess_images(
             "resolution": resolution,
             "center_crop": source.center_crop,
             "seed": source.seed,
+            "precise": source.preserve_precision,
         },
         desc="Decoding and resizing images",
     )
@@ -234,9 +244,11 @@ def preprocessing_processes(source: ImageSource, num_images: int) -> int | None:
     return source.num_workers or min(4, os.cpu_count() or 1)
 
 
-def to_pixels(image: Image.Image, channels: int, resolution: int, crop_offset: float | None = None) -> np.ndarray:
+def to_pixels(
+    image: Image.Image, channels: int, resolution: int, crop_offset: float | None = None, precise: bool = False
+) -> np.ndarray:
     """
-    One image as a uint8 array of shape (channels, resolution, resolution).
+    One image as a uint8 array of shape (channels, resolution, resolution), or float32 with `precise`.
 
     Every PIL mode converts: 16- and 32-bit grayscale are scaled (not clipped) to 8 bits, transparency is composited
     onto white, palette and CMYK images go through RGB; RGB becomes gray by ITU-R 601 luma. The shorter side is
@@ -251,18 +263,26 @@ def to_pixels(image: Image.Image, channels: int, resolution: int, crop_offset: f
             Output side.
         crop_offset (`float`, *optional*):
             Where the crop window starts along the longer side, as a fraction of the slack; `None` centres it.
+        precise (`bool`, defaults to `False`):
+            float32 on the 0-255 scale; 16- and 32-bit grayscale keep their levels between the 256 of 8 bits (scaled
+            as above, resized in float, repeated into 3 channels for RGB), other modes give the uint8 values.
 
     Returns:
         `np.ndarray`
     """
-    image = _to_mode(image, "L" if channels == 1 else "RGB")
     centering = (0.5, 0.5) if crop_offset is None else (crop_offset, crop_offset)
+    if precise and image.mode in HIGH_BIT_GRAY_MODES:
+        image = ImageOps.fit(_to_float(image), (resolution, resolution), Image.Resampling.BICUBIC, centering=centering)
+        array = np.clip(np.asarray(image, dtype=np.float32), 0.0, 255.0)[None]
+        return array if channels == 1 else np.repeat(array, 3, axis=0)
+    image = _to_mode(image, "L" if channels == 1 else "RGB")
     image = ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC, centering=centering)
     array = np.asarray(image, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+    array = array[None] if channels == 1 else array.transpose(2, 0, 1)
+    return array.astype(np.float32) if precise else array
 
 
-def _preprocess_batch(batch, indices, image_column, channels, resolution, center_crop, seed):
+def _preprocess_batch(batch, indices, image_column, channels, resolution, center_crop, seed, precise):
     pixels, errors = [], []
     for item, index in zip(batch[image_column], indices, strict=True):
         try:
@@ -271,19 +291,29 @@ def _preprocess_batch(batch, indices, image_column, channels, resolution, center
                     image.draft(image.mode, (resolution, resolution))  # decode at a reduced scale: much faster
                 image.load()
                 crop_offset = None if center_crop else float(np.random.default_rng([seed, index]).random())
-                pixels.append(to_pixels(image, channels, resolution, crop_offset))
+                pixels.append(to_pixels(image, channels, resolution, crop_offset, precise))
                 errors.append("")
         except Exception as error:
-            pixels.append(np.zeros((channels, resolution, resolution), dtype=np.uint8))
+            pixels.append(np.zeros((channels, resolution, resolution), dtype=np.float32 if precise else np.uint8))
             errors.append(f"{item.get('path') or f'image {index}'} ({type(error).__name__}: {error})")
     return {PIXELS: pixels, "error": errors}
 
 
+def _gray_levels(image: Image.Image) -> np.ndarray:
+    """A 16- or 32-bit grayscale image's values on the 0-255 scale: F images in [0, 1], and integer images whose
+    values fit 8 bits, are taken as such; other integer images as 16-bit."""
+    values = np.asarray(image, dtype=np.float64)
+    top = 1.0 if image.mode == "F" and values.max() <= 1.0 else (255.0 if values.max() <= 255 else 65535.0)
+    return values / top * 255.0
+
+
+def _to_float(image: Image.Image) -> Image.Image:
+    return Image.fromarray(_gray_levels(image).astype(np.float32), mode="F")
+
+
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 1.0 if image.mode == "F" and values.max() <= 1.0 else (255.0 if values.max() <= 255 else 65535.0)
-        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in HIGH_BIT_GRAY_MODES:
+        image = Image.fromarray(np.clip(_gray_levels(image) + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("LA", "RGBA", "PA"):

@@ -76,6 +76,7 @@ def render_model_card(facts: dict) -> ModelCard:
         license=facts.get("license"),
         model_name=facts["model_name"],
         eval_results=facts.get("eval_results"),
+        base_model=facts.get("base_model_id"),
     )
     return ModelCard.from_template(card_data, template_path=str(template_path()), **facts)
 
@@ -324,6 +325,7 @@ def training_card_facts(args, accelerator, unet, scheduler, global_step, channel
         threads = torch.get_num_threads()
         hardware = f"{processes} CPU process{'es' if processes > 1 else ''} x {threads} threads, {_cpu_name()}"
     minutes = wall_time / 60
+    base = args.pretrained_model_name_or_path
     return {
         **model_facts(unet, scheduler, args.hub_model_id or Path(args.output_dir).resolve().name),
         "model_name": Path(args.output_dir).resolve().name,
@@ -333,7 +335,10 @@ def training_card_facts(args, accelerator, unet, scheduler, global_step, channel
         "resolution": args.effective_resolution,
         "channels": channels,
         "random_flip": args.random_flip,
-        "model_preset": None if args.model_config_name_or_path else args.model_preset,
+        "model_preset": None if args.model_config_name_or_path or base else args.model_preset,
+        "base_model": base,
+        # The Hub's model tree reads base_model: a repo id, never a local path.
+        "base_model_id": None if base is None or os.path.isdir(base) else base,
         "global_step": global_step,
         "total_batch_size": args.train_batch_size * args.gradient_accumulation_steps,
         "learning_rate": f"{args.learning_rate:g}",

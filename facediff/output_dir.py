@@ -21,17 +21,17 @@ RUN_OUTPUTS = (
 # checkpoint restores the old value (the optimizer's, LR schedule's and EMA's hyperparameters live in its state).
 RUN_DEFINING_SETTINGS = (
     # the model and the diffusion process it learns
-    "model_preset", "model_config_name_or_path", "resolution", "num_channels", "ddpm_num_steps",
-    "ddpm_beta_schedule", "prediction_type", "snr_gamma",
+    "model_preset", "model_config_name_or_path", "pretrained_model_name_or_path", "resolution", "num_channels",
+    "ddpm_num_steps", "ddpm_beta_schedule", "prediction_type", "snr_gamma",
     # the data, its preprocessing and its order (the resume point is counted in batches of this size)
-    "dataset_name", "train_data_dir", "image_column", "max_train_samples", "center_crop", "random_flip", "seed",
-    "train_batch_size", "gradient_accumulation_steps",
+    "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "preserve_input_precision",
+    "max_train_samples", "center_crop", "random_flip", "seed", "train_batch_size", "gradient_accumulation_steps",
     # the optimizer, the learning-rate schedule and the EMA
     "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "use_ema", "ema_inv_gamma", "ema_power", "ema_max_decay",
 )  # fmt: skip
 # Settings that may name a local path: `data/train`, `./data/train/` and `/abs/data/train` are the same data.
-PATH_SETTINGS = ("dataset_name", "train_data_dir", "model_config_name_or_path")
+PATH_SETTINGS = ("dataset_name", "train_data_dir", "model_config_name_or_path", "pretrained_model_name_or_path")
 # A resume may change how long the run goes on (the LR schedule then stretches to the new length), how often it
 # saves, samples, evaluates and logs, which weights it keeps at the end (--save_best), where it writes, the hardware
 # and speed settings, and the two remedies for a diverging run that do take effect on resume: --mixed_precision and
@@ -42,6 +42,7 @@ RESUMABLE_SETTINGS = (
     "eval_num_images", "eval_inference_steps", "save_best", "logger", "logging_dir", "push_to_hub",
     "hub_model_id", "hub_private_repo", "output_dir", "overwrite_output_dir", "dataloader_num_workers",
     "preprocessing_num_workers", "cpu_threads", "cache_dir", "mixed_precision", "max_grad_norm",
+    "save_images_epochs", "save_model_epochs", "hub_token", "enable_xformers_memory_efficient_attention", "local_rank",
 )  # fmt: skip
 
 

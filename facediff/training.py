@@ -26,6 +26,7 @@ from accelerate.utils import (
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.utils import is_xformers_available
 from huggingface_hub import HfApi
 from tqdm.auto import tqdm
 
@@ -38,6 +39,7 @@ from .model_card import training_card_facts, training_evaluation_facts, write_mo
 from .output_dir import check_output_dir, clear_previous_run, refuse_a_different_run
 from .pipelines import FaceDiffScheduler
 from .precision import native_bf16
+from .pretrained import channels_for_base, load_pretrained_base, settings_for_base
 from .sample_grids import log_images, sample_images, save_grid
 from .stop_signals import StopRequest, TrainingInterrupted
 from .training_args import TrainingArguments
@@ -96,11 +98,18 @@ def train(args: TrainingArguments) -> TrainingResult:
         _create_hub_repo(args, output_dir)
     set_seed(args.seed, device_specific=True)
 
+    base = None
+    if args.pretrained_model_name_or_path is not None:
+        with accelerator.main_process_first():  # one download, then the cache for the other processes
+            base = load_pretrained_base(args.pretrained_model_name_or_path, args.cache_dir)
+        args = settings_for_base(args, base)
     source = args.image_source()
     try:
         with accelerator.main_process_first():
             raw_dataset, image_column = data.load_raw_dataset(source)
             channels = args.num_channels or data.detect_channels(raw_dataset, image_column)
+        if base is not None:
+            channels = channels_for_base(base, args.num_channels, channels)
         if args.resume_from_checkpoint is not None:
             refuse_a_different_run(args, output_dir, channels)
         # Saved as such in checkpoints and training_args.json, so that a resume compares the values this run used.
@@ -134,12 +143,16 @@ def train(args: TrainingArguments) -> TrainingResult:
         generator=torch.Generator().manual_seed(args.seed),
     )
 
-    unet = _build_model(args, channels)
-    noise_scheduler = FaceDiffScheduler(
-        num_train_timesteps=args.ddpm_num_steps,
-        beta_schedule=args.ddpm_beta_schedule,
-        prediction_type=args.prediction_type,
-    )
+    if base is not None:
+        unet, noise_scheduler = base.unet, base.scheduler
+        logger.info(f"Fine-tuning {args.pretrained_model_name_or_path} ({unet.num_parameters():,} parameters)")
+    else:
+        unet = _build_model(args, channels)
+        noise_scheduler = FaceDiffScheduler(
+            num_train_timesteps=args.ddpm_num_steps,
+            beta_schedule=args.ddpm_beta_schedule,
+            prediction_type=args.prediction_type,
+        )
     optimizer = torch.optim.AdamW(
         unet.parameters(),
         lr=args.learning_rate,
@@ -168,6 +181,8 @@ def train(args: TrainingArguments) -> TrainingResult:
         )
         ema.to(accelerator.device)
 
+    if args.enable_xformers_memory_efficient_attention:
+        _use_xformers(unet, accelerator.device)
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     accelerator.register_for_checkpointing(lr_scheduler)
     if ema is not None:
@@ -287,6 +302,9 @@ def train(args: TrainingArguments) -> TrainingResult:
                     _stop_on_signal(args, accelerator, output_dir, global_step, stop.signum, train_seconds)
                 if finished:
                     break
+                clock_start = time.monotonic()
+            else:  # the epoch ran to its end; a finished run's last grid and pipeline are saved below instead
+                _end_of_epoch(args, accelerator, unet, noise_scheduler, ema, output_dir, epoch, global_step)
                 clock_start = time.monotonic()
 
     if max_train_steps is None or global_step < max_train_steps:
@@ -521,6 +539,35 @@ def _save_samples(args, accelerator, unet, scheduler, ema, output_dir: Path, glo
             save_grid(images, grid)
         log_images(accelerator, images, global_step)
     accelerator.wait_for_everyone()
+
+
+def _end_of_epoch(args, accelerator, unet, scheduler, ema, output_dir: Path, epoch: int, global_step: int):
+    """diffusers' example's saves at the end of every N epochs, counted from the first (epoch 0)."""
+    if args.save_images_epochs is not None and epoch % args.save_images_epochs == 0:
+        _save_samples(args, accelerator, unet, scheduler, ema, output_dir, global_step)
+    if args.save_model_epochs is not None and epoch % args.save_model_epochs == 0:
+        if accelerator.is_main_process:
+            weights = copy.deepcopy(accelerator.unwrap_model(unet))
+            if ema is not None:
+                ema.copy_to(weights.parameters())
+            pipeline = FaceDiffPipeline(unet=weights, scheduler=FaceDiffScheduler.from_config(scheduler.config))
+            with checkpointing.explain_disk_full(f"the pipeline of epoch {epoch}", output_dir):
+                pipeline.save_pretrained(output_dir)
+            logger.info(f"Saved the pipeline of epoch {epoch} (step {global_step}) in {output_dir}")
+        accelerator.wait_for_everyone()
+
+
+def _use_xformers(unet: UNet2DModel, device: torch.device) -> None:
+    """--enable_xformers_memory_efficient_attention as diffusers' example means it, where xformers can run."""
+    if is_xformers_available() and device.type == "cuda":
+        unet.enable_xformers_memory_efficient_attention()
+        logger.info("Attention runs through xformers (--enable_xformers_memory_efficient_attention)")
+        return
+    why = "is not installed" if not is_xformers_available() else "runs on CUDA GPUs only"
+    logger.info(
+        f"--enable_xformers_memory_efficient_attention: xformers {why}, so attention runs through PyTorch's "
+        "scaled_dot_product_attention, diffusers' default, which saves the same memory"
+    )
 
 
 def _save_final(

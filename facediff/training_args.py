@@ -38,6 +38,10 @@ class TrainingArguments:
         "bundled handwritten digits.",
         default=None,
     )
+    dataset_config_name: str | None = _help(
+        "The configuration of --dataset_name, for a dataset that has several (`datasets.load_dataset`'s name).",
+        default=None,
+    )
     train_data_dir: str | None = _help(
         "A folder of images, read recursively as a `datasets` image folder.", default=None
     )
@@ -47,6 +51,10 @@ class TrainingArguments:
     resolution: int | None = _help("Training resolution; default: 16 for the built-in digits, else 64.", default=None)
     center_crop: bool = _help("Center-crop to a square; default: a random crop, drawn once per image.", default=False)
     random_flip: bool = _help("Flip images horizontally at random, independently at every step.", default=False)
+    preserve_input_precision: bool = _help(
+        "Keep the levels of 16- and 32-bit grayscale images (stored as float32) instead of rounding them to 8 bits.",
+        default=False,
+    )
     num_channels: int | None = _help("1 or 3; default: 1 when every image is grayscale, else 3.", default=None)
     max_train_samples: int | None = _help("Train on this many images only (a seeded random subset).", default=None)
     dataloader_num_workers: int = _help("Worker processes that load batches (0: the main process).", default=0)
@@ -64,6 +72,12 @@ class TrainingArguments:
     model_preset: str = _help(f"UNet preset: {', '.join(UNET_PRESETS)}.", default="small")
     model_config_name_or_path: str | None = _help(
         "A UNet2DModel config.json (or a folder holding one) to train from scratch instead of a preset.", default=None
+    )
+    pretrained_model_name_or_path: str | None = _help(
+        "Fine-tune: a saved facediff pipeline or diffusers DDPMPipeline (a folder or Hub repo id) whose UNet weights "
+        "(safetensors) and noise schedule the run starts from, the EMA too; --resolution defaults to the model's, "
+        "and gray images are converted for an RGB model. Default: train from scratch.",
+        default=None,
     )
     ddpm_num_steps: int = _help("T, the number of diffusion steps.", default=1000)
     ddpm_beta_schedule: Literal["linear", "squaredcos_cap_v2"] = _help("Beta schedule.", default="linear")
@@ -123,8 +137,23 @@ class TrainingArguments:
         default=None,
     )
     save_images_steps: int = _help("Save a sample grid every this many steps (and at the end).", default=500)
+    save_images_epochs: int | None = _help(
+        "Also save a sample grid at the end of every this many epochs, from the first (diffusers' example's flag).",
+        default=None,
+    )
+    save_model_epochs: int | None = _help(
+        "Also save the pipeline (EMA weights) into --output_dir at the end of every this many epochs, from the first, "
+        "so that an unfinished run can be sampled; the finished run's pipeline replaces it, and only that is pushed.",
+        default=None,
+    )
     eval_batch_size: int = _help("Images in each sample grid.", default=16)
-    num_inference_steps: int = _help("Sampling steps for the sample grids (respaced).", default=100)
+    num_inference_steps: int = field(
+        default=100,
+        metadata={
+            "help": "Sampling steps for the sample grids (respaced).",
+            "aliases": ["--ddpm_num_inference_steps"],  # diffusers' example's name for it
+        },
+    )
     eval_steps: int | None = _help(
         "Evaluate the model every this many steps and at the end: --eval_num_images samples scored against the "
         "training images (pixel-PCA FD and KID, and the share of samples that copy a training image), logged and "
@@ -145,10 +174,33 @@ class TrainingArguments:
     push_to_hub: bool = _help("Upload the final pipeline to the Hub.", default=False)
     hub_model_id: str | None = _help("Hub repo id; default: the output folder's name.", default=None)
     hub_private_repo: bool = _help("Create the Hub repo as private.", default=False)
+    hub_token: str | None = _help(
+        "Refused: a token on the command line lands in the shell history and the saved arguments. Log in with "
+        "`hf auth login` or set HF_TOKEN.",
+        default=None,
+    )
+
+    # Accepted for diffusers' train_unconditional.py
+    enable_xformers_memory_efficient_attention: bool = _help(
+        "Attention through xformers where it is installed and the model is on a GPU; otherwise PyTorch's "
+        "scaled_dot_product_attention, which diffusers uses by default and which saves the same memory.",
+        default=False,
+    )
+    local_rank: int = _help("Set by launchers; Accelerate reads the process's rank from LOCAL_RANK itself.", default=-1)
 
     def __post_init__(self):
+        if self.hub_token is not None:
+            raise ValueError(
+                "--hub_token is refused: a token on the command line lands in the shell history and in this run's "
+                "saved arguments. Log in once with `hf auth login`, or set the HF_TOKEN environment variable."
+            )
         if self.dataset_name and self.train_data_dir:
             raise ValueError("Pass either --dataset_name or --train_data_dir, not both.")
+        if self.dataset_config_name is not None and self.dataset_name is None:
+            raise ValueError(
+                f"--dataset_config_name {self.dataset_config_name} chooses a configuration of --dataset_name, which is "
+                "not given: pass --dataset_name too, or drop --dataset_config_name."
+            )
         if self.num_channels not in (None, 1, 3):
             raise ValueError(f"--num_channels must be 1 or 3, got {self.num_channels}.")
         for name in (
@@ -170,6 +222,8 @@ class TrainingArguments:
             "checkpoints_total_limit",
             "cpu_threads",
             "eval_steps",
+            "save_images_epochs",
+            "save_model_epochs",
         ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
@@ -192,6 +246,11 @@ class TrainingArguments:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
         if self.lr_scheduler not in LR_SCHEDULES:
             raise ValueError(f"--lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULES)}.")
+        if self.pretrained_model_name_or_path is not None and self.model_config_name_or_path is not None:
+            raise ValueError(
+                "--pretrained_model_name_or_path fine-tunes that model's UNet and --model_config_name_or_path builds "
+                "a new one: pass one of them."
+            )
         config = self.model_config_name_or_path
         if config is not None and not (Path(config).is_file() or (Path(config) / "config.json").is_file()):
             raise ValueError(
@@ -210,7 +269,7 @@ class TrainingArguments:
                 f"--eval_inference_steps ({self.eval_inference_steps}) cannot exceed --ddpm_num_steps "
                 f"({self.ddpm_num_steps})."
             )
-        if self.model_config_name_or_path is None:
+        if self.model_config_name_or_path is None and self.pretrained_model_name_or_path is None:
             unet_config(self.model_preset, self.effective_resolution, self.num_channels or 1)
 
     @property
@@ -228,6 +287,8 @@ class TrainingArguments:
         return ImageSource(
             location=self.train_data_dir or self.dataset_name,
             is_image_folder=self.train_data_dir is not None,
+            config_name=self.dataset_config_name,
+            preserve_precision=self.preserve_input_precision,
             image_column=self.image_column,
             resolution=self.effective_resolution,
             center_crop=self.center_crop,

@@ -69,7 +69,8 @@ def training_reference(train_dataset, seed: int, max_images: int = MAX_REFERENCE
         # Its own generator: the global RNG belongs to training, and a resumed run must draw as a straight one does.
         chosen = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(seed))[:max_images]
         train_dataset = train_dataset.select(chosen.sort().values.tolist())
-    return train_dataset[:][PIXELS].to(torch.uint8)
+    pixels = train_dataset[:][PIXELS]
+    return pixels if pixels.dtype == torch.uint8 else pixels.round().to(torch.uint8)  # --preserve_input_precision
 
 
 def sample_pixels(
