@@ -80,7 +80,10 @@ class TrainingArguments:
         default=None,
     )
     ddpm_num_steps: int = _help("T, the number of diffusion steps.", default=1000)
-    ddpm_beta_schedule: Literal["linear", "squaredcos_cap_v2"] = _help("Beta schedule.", default="linear")
+    ddpm_beta_schedule: Literal["linear", "squaredcos_cap_v2", "scaled_linear", "sigmoid"] = _help(
+        "Beta schedule: linear (the document's), or the cosine, scaled_linear or sigmoid schedules of diffusers.",
+        default="linear",
+    )
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = _help(
         "What the UNet learns to predict.", default="epsilon"
     )

@@ -15,9 +15,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-VARIANCE_TYPES = ("fixed_large", "fixed_small")
+# DDPMScheduler's, but fixed_large_log: its step takes the square root of a negative log-variance.
+VARIANCE_TYPES = ("fixed_large", "fixed_small", "fixed_small_log", "learned", "learned_range")
+LEARNED_VARIANCES = ("learned", "learned_range")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
 
 @dataclass
@@ -58,13 +61,16 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
             beta_T of the linear schedule. The document's text says 0.002 "as in the paper"; the DDPM paper uses
             0.02, and with 0.002 alphabar_T is about 0.35, so x_T would be far from pure noise.
         beta_schedule (`str`, defaults to `"linear"`):
-            `"linear"` (the document's) or `"squaredcos_cap_v2"` (the cosine schedule of Nichol & Dhariwal 2021,
-            which ignores `beta_start` and `beta_end`).
+            `"linear"` (the document's), `"squaredcos_cap_v2"` (the cosine schedule of Nichol & Dhariwal 2021,
+            which ignores `beta_start` and `beta_end`), or diffusers' `"scaled_linear"` and `"sigmoid"`.
         prediction_type (`str`, defaults to `"epsilon"`):
             What the model predicts: `"epsilon"` (the noise, as in the document), `"v_prediction"` or `"sample"`.
         variance_type (`str`, defaults to `"fixed_large"`):
-            The reverse-step noise scale: `"fixed_large"` is the document's `sqrt(beta_t)`; `"fixed_small"` is the
-            posterior's `sqrt(beta_t (1 - alphabar_{t-1}) / (1 - alphabar_t))`, tighter on coarse chains.
+            The reverse-step noise scale: `"fixed_large"` is the document's `sqrt(beta_t)`; `"fixed_small"` (or
+            `"fixed_small_log"`, the same scale) is the posterior's `sqrt(beta_t (1 - alphabar_{t-1}) / (1 -
+            alphabar_t))`, tighter on coarse chains. With `"learned"` or `"learned_range"` (Nichol & Dhariwal 2021)
+            the model outputs twice the sample's channels: the prediction, then the variance itself or v in [-1, 1]
+            interpolating the log-variance between the two fixed ones.
         clip_sample (`bool`, defaults to `False`):
             Clip the predicted x_0 to `[-clip_sample_range, clip_sample_range]` before the update. The document
             does not clip.
@@ -75,6 +81,22 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
             eq. 12) on the same chain instead: `x_{t-1} = sqrt(alphabar_{t-1}) x_0 + sqrt(1 - alphabar_{t-1} -
             sigma^2) eps + sigma z` with `sigma = eta * sqrt(beta_t (1 - alphabar_{t-1}) / (1 - alphabar_t))`; 0 is
             deterministic, 1 equals the posterior-variance DDPM step. `variance_type` is then unused.
+        trained_betas (`list[float]`, *optional*):
+            The betas themselves, one per step, instead of a `beta_schedule`.
+        thresholding (`bool`, defaults to `False`):
+            Dynamic thresholding of the predicted x_0 (Saharia et al. 2022), instead of `clip_sample`.
+        dynamic_thresholding_ratio (`float`, defaults to 0.995):
+            The percentile of |x_0| that thresholding scales by.
+        sample_max_value (`float`, defaults to 1.0):
+            The largest threshold.
+        timestep_spacing (`str`, defaults to `"linspace"`):
+            How `set_timesteps(N)` picks N steps: `"linspace"` spreads them evenly from T-1 down to 0; diffusers'
+            `"leading"` (its DDPMScheduler's default) takes multiples of T // N from 0, `"trailing"` counts down from
+            T-1 by T / N (Lin et al. 2023, table 2).
+        steps_offset (`int`, defaults to 0):
+            Added to every step of a `"leading"` chain.
+        rescale_betas_zero_snr (`bool`, defaults to `False`):
+            Rescale the betas so that alphabar_T is 0 (Lin et al. 2023); pair it with `v_prediction`.
     """
 
     # diffusers' schedulers that FaceDiffPipeline's loop (DDPMPipeline's: no input scaling) samples a model of
@@ -94,6 +116,13 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
         eta: float | None = None,
+        trained_betas: list[float] | np.ndarray | None = None,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
     ):
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}.")
@@ -108,15 +137,30 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         _check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         if clip_sample_range <= 0:
             raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}.")
         if eta is not None and not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1] (or be None for the document's update), got {eta}.")
 
-        if beta_schedule == "linear":
+        if trained_betas is not None:
+            betas = np.asarray(trained_betas, dtype=np.float64)
+            if betas.shape != (num_train_timesteps,) or not ((betas > 0) & (betas <= 1)).all():
+                raise ValueError(
+                    f"trained_betas must hold num_train_timesteps ({num_train_timesteps}) values in (0, 1], got "
+                    f"{betas.size} values from {betas.min():g} to {betas.max():g}."
+                )
+        elif beta_schedule == "linear":
             betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+        elif beta_schedule == "scaled_linear":
+            betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+        elif beta_schedule == "sigmoid":
+            sigmoid = 1.0 / (1.0 + np.exp(-np.linspace(-6, 6, num_train_timesteps, dtype=np.float64)))
+            betas = sigmoid * (beta_end - beta_start) + beta_start
         else:
             betas = _cosine_betas(num_train_timesteps)
+        if rescale_betas_zero_snr:
+            betas = _rescale_zero_terminal_snr(betas)
         self.betas = torch.from_numpy(betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
@@ -138,8 +182,9 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         """
         Choose the steps the sampler visits.
 
-        By default the full chain T-1, ..., 0. With `num_inference_steps=N` the chain is respaced to N steps evenly
-        spread from T-1 down to 0 (both included when N >= 2), which samples about T/N times faster.
+        By default the full chain T-1, ..., 0. With `num_inference_steps=N` the chain is respaced to N steps, which
+        samples about T/N times faster: by default evenly spread from T-1 down to 0 (both included when N >= 2);
+        `timestep_spacing` chooses diffusers' other spacings.
 
         Args:
             num_inference_steps (`int`, *optional*):
@@ -173,11 +218,28 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(problem) from None
             if not 1 <= num_inference_steps <= num_train_timesteps:
                 raise ValueError(problem)
-            chain = np.linspace(num_train_timesteps - 1, 0, num_inference_steps).round().astype(np.int64).tolist()
+            chain = self._spaced_chain(num_inference_steps)
+            if chain[0] >= num_train_timesteps:
+                raise ValueError(
+                    f"steps_offset {self.config.steps_offset} puts the first of {num_inference_steps} steps at "
+                    f"{chain[0]}, past num_train_timesteps - 1 ({num_train_timesteps - 1}): lower it or the steps."
+                )
 
         self.num_inference_steps = len(chain)
         self.timesteps = torch.tensor(chain, dtype=torch.int64, device=device)
         self._previous_timestep = dict(zip(chain, chain[1:] + [-1], strict=True))
+
+    def _spaced_chain(self, num_inference_steps: int) -> list[int]:
+        """N steps by `timestep_spacing`, as DDPMScheduler.set_timesteps picks them."""
+        num_train_timesteps, spacing = self.config.num_train_timesteps, self.config.timestep_spacing
+        if spacing == "linspace":
+            chain = np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1]
+        elif spacing == "leading":
+            ratio = num_train_timesteps // num_inference_steps
+            chain = (np.arange(0, num_inference_steps) * ratio).round()[::-1] + self.config.steps_offset
+        else:
+            chain = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_inference_steps)) - 1
+        return chain.astype(np.int64).tolist()
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """
@@ -246,7 +308,8 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
 
         Args:
             model_output (`torch.Tensor`):
-                The model's output at (x_t, t), read according to `prediction_type`.
+                The model's output at (x_t, t), read according to `prediction_type`; with a learned variance, the
+                prediction and the variance output, concatenated along the channels.
             timestep (`int` or `torch.Tensor`):
                 t, one of `self.timesteps`.
             sample (`torch.Tensor`):
@@ -262,10 +325,15 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         Returns:
             [`FaceDiffSchedulerOutput`] or `tuple`: `(prev_sample, pred_original_sample)`.
         """
+        predicted_variance = None
+        learned = self.config.variance_type in LEARNED_VARIANCES
+        if learned and model_output.shape[1] == 2 * sample.shape[1]:
+            model_output, predicted_variance = model_output.split(sample.shape[1], dim=1)
         if model_output.shape != sample.shape:
+            twice = " (twice the channels with a learned variance_type)" if learned else ""
             raise ValueError(
                 f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}: "
-                "the model must return one value per sample element."
+                f"the model must return one value per sample element{twice}."
             )
         t = int(timestep)
         if t not in self._previous_timestep:
@@ -283,25 +351,29 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         pred_original_sample, pred_epsilon = self._original_and_noise(model_output, sample, alpha_prod_t)
         posterior_variance = beta_t * (1.0 - alpha_prod_t_prev) / (1.0 - alpha_prod_t)
         if self.config.eta is None:
-            prev_sample = (sample - beta_t / math.sqrt(1.0 - alpha_prod_t) * pred_epsilon) / math.sqrt(alpha_t)
-            variance = posterior_variance if self.config.variance_type == "fixed_small" else beta_t
+            if alpha_t > 0:
+                prev_sample = (sample - beta_t / math.sqrt(1.0 - alpha_prod_t) * pred_epsilon) / math.sqrt(alpha_t)
+            else:  # a zero-terminal-SNR chain's first step: the same update as the posterior mean it equals
+                prev_sample = math.sqrt(alpha_prod_t_prev) * pred_original_sample
+            std = self._noise_scale(beta_t, posterior_variance, predicted_variance)
         else:
             variance = self.config.eta**2 * posterior_variance
             direction = math.sqrt(max(1.0 - alpha_prod_t_prev - variance, 0.0))
             prev_sample = math.sqrt(alpha_prod_t_prev) * pred_original_sample + direction * pred_epsilon
+            std = math.sqrt(variance)
 
-        if prev_t >= 0 and variance > 0:
+        if prev_t >= 0 and (torch.is_tensor(std) or std > 0):
             if variance_noise is None:
                 variance_noise = randn_tensor(
                     sample.shape, generator=generator, device=sample.device, dtype=sample.dtype
                 )
-            prev_sample = prev_sample + math.sqrt(variance) * variance_noise
+            prev_sample = prev_sample + std * variance_noise
 
         if not return_dict:
             return prev_sample, pred_original_sample
         return FaceDiffSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
-    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
         """
         The step that follows `timestep` on the current chain.
 
@@ -310,12 +382,35 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
                 One of `self.timesteps`.
 
         Returns:
-            `int`: the next step down the chain, or -1 after the last step.
+            `int` or `torch.Tensor`: the next step down the chain, or -1 after the last step; typed as
+            `DDPMScheduler`'s: `timestep - 1` before `set_timesteps`, a 0-d tensor after.
         """
-        return self._previous_timestep[int(timestep)]
+        prev_t = self._previous_timestep[int(timestep)]
+        return timestep - 1 if self.num_inference_steps is None else torch.tensor(prev_t)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+    def _noise_scale(
+        self, beta_t: float, posterior_variance: float, predicted_variance: torch.Tensor | None
+    ) -> float | torch.Tensor:
+        """The reverse step's noise scale for `variance_type`; a tensor when the model predicts it."""
+        variance_type = self.config.variance_type
+        if variance_type == "fixed_large":
+            return math.sqrt(beta_t)
+        if variance_type in ("fixed_small", "fixed_small_log"):
+            return math.sqrt(posterior_variance)
+        if predicted_variance is None:
+            raise ValueError(
+                f"variance_type {variance_type!r} needs the model's variance output: a UNet with twice the sample's "
+                "channels (out_channels = 2 * in_channels)."
+            )
+        if variance_type == "learned":
+            return predicted_variance.sqrt()
+        # As DDPMScheduler: the log-variance between log(posterior variance), kept above 1e-20, and log(beta_t).
+        min_log, max_log = math.log(max(posterior_variance, 1e-20)), math.log(beta_t)
+        fraction = (predicted_variance + 1) / 2
+        return torch.exp(0.5 * (fraction * max_log + (1 - fraction) * min_log))
 
     def _original_and_noise(
         self, model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: float
@@ -334,11 +429,23 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
             pred_original_sample = model_output
             pred_epsilon = (sample - sqrt_alpha_prod * pred_original_sample) / sqrt_one_minus_alpha_prod
 
-        if self.config.clip_sample:
+        if self.config.thresholding:
+            pred_original_sample = self._threshold(pred_original_sample)
+            pred_epsilon = (sample - sqrt_alpha_prod * pred_original_sample) / sqrt_one_minus_alpha_prod
+        elif self.config.clip_sample:
             bound = self.config.clip_sample_range
             pred_original_sample = pred_original_sample.clamp(-bound, bound)
             pred_epsilon = (sample - sqrt_alpha_prod * pred_original_sample) / sqrt_one_minus_alpha_prod
         return pred_original_sample, pred_epsilon
+
+    def _threshold(self, pred_original_sample: torch.Tensor) -> torch.Tensor:
+        """Dynamic thresholding: each sample's x_0 clamped to [-s, s] and divided by s, s its |x_0| percentile
+        `dynamic_thresholding_ratio`, kept in [1, `sample_max_value`]."""
+        flat = pred_original_sample.float().flatten(1)
+        bound = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
+        bound = bound.clamp(min=1, max=self.config.sample_max_value)[:, None]
+        thresholded = torch.maximum(torch.minimum(flat, bound), -bound) / bound
+        return thresholded.reshape(pred_original_sample.shape).to(pred_original_sample.dtype)
 
     def _signal_and_noise_scales(
         self, timesteps: torch.Tensor, like: torch.Tensor
@@ -360,6 +467,14 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}.")
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, algorithm 1: shift and scale sqrt(alphabar) so that it ends at 0 and starts where it did."""
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = root[0], root[-1]
+    alpha_bar = ((root - last) * first / (first - last)) ** 2
+    return 1.0 - np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:

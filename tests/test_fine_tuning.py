@@ -131,18 +131,29 @@ def test_pickle_only_weights_are_refused_with_the_conversion_command(tmp_path):
     refused(tmp_path, base, message=f"pickle only .* convert them once with `python -c .*{re.escape(conversion)}")
 
 
-@pytest.mark.parametrize(
-    ("scheduler", "message"),
-    [
-        (DDPMScheduler(variance_type="learned_range"), "variance_type must be one of"),
-        (DDPMScheduler(thresholding=True), "sets thresholding=True, which FaceDiffScheduler does not implement"),
-        (DDPMScheduler(rescale_betas_zero_snr=True), "sets rescale_betas_zero_snr=True, which FaceDiffScheduler does"),
-        (DDPMScheduler(trained_betas=[0.01] * 1000), r"sets trained_betas \(1000 values\), which"),
-    ],
-)
-def test_a_base_facediff_cannot_train_is_refused(tmp_path, scheduler, message):
+def test_every_ddpm_scheduler_setting_of_the_base_is_kept(tmp_path):
+    scheduler = DDPMScheduler(thresholding=True, sample_max_value=1.5, trained_betas=[0.01] * 1000, steps_offset=1)
     DDPMPipeline(unet=tiny_unet(1), scheduler=scheduler).save_pretrained(tmp_path / "base")
-    refused(tmp_path, tmp_path / "base", message=message)
+    flags = ["--train_data_dir", str(FACES), "--max_train_steps", "1"]
+    train(parse_training_arguments(fine_tune(tmp_path / "tuned", tmp_path / "base", *flags)))
+    config = FaceDiffPipeline.from_pretrained(tmp_path / "tuned").scheduler.config
+    assert {key: config[key] for key in scheduler.config if not key.startswith("_")} == {
+        key: value for key, value in scheduler.config.items() if not key.startswith("_")
+    }
+
+
+def test_a_base_with_a_scheduler_facediff_refuses_is_refused(tmp_path):
+    # fixed_large_log: DDPMScheduler.step takes the square root of its negative log-variance.
+    scheduler = DDPMScheduler(variance_type="fixed_large_log")
+    DDPMPipeline(unet=tiny_unet(1), scheduler=scheduler).save_pretrained(tmp_path / "base")
+    refused(tmp_path, tmp_path / "base", message=r"its scheduler config is not one facediff can train \(variance_type")
+
+
+def test_a_base_with_a_learned_variance_type_is_refused(tmp_path):
+    DDPMPipeline(unet=tiny_unet(1), scheduler=DDPMScheduler(variance_type="learned_range")).save_pretrained(
+        tmp_path / "base"
+    )
+    refused(tmp_path, tmp_path / "base", message="variance_type learned_range is learned, and facediff trains noise")
 
 
 def test_a_base_with_learned_variances_is_refused(tmp_path):
