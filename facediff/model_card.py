@@ -306,7 +306,13 @@ def _sampler_description(scheduler) -> str:
     config = scheduler.config
     if config.eta is not None:
         return f"the DDIM update with eta {config.eta:g}"
-    noise = {"fixed_large": "sqrt(beta_t)", "fixed_small": "the posterior's (beta-tilde)"}[config.variance_type]
+    noise = {
+        "fixed_large": "sqrt(beta_t)",
+        "fixed_small": "the posterior's (beta-tilde)",
+        "fixed_small_log": "the posterior's (beta-tilde)",
+        "learned": "the model's (learned)",
+        "learned_range": "the model's, learned between the posterior's and sqrt(beta_t) (Improved DDPM)",
+    }[config.variance_type]
     return f"the DDPM reverse update with noise scale {noise}"
 
 

@@ -22,7 +22,7 @@ RUN_OUTPUTS = (
 RUN_DEFINING_SETTINGS = (
     # the model and the diffusion process it learns
     "model_preset", "model_config_name_or_path", "pretrained_model_name_or_path", "resolution", "num_channels",
-    "ddpm_num_steps", "ddpm_beta_schedule", "prediction_type", "snr_gamma",
+    "ddpm_num_steps", "ddpm_beta_schedule", "prediction_type", "snr_gamma", "variance_type",
     # the data, its preprocessing and its order (the resume point is counted in batches of this size)
     "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "preserve_input_precision",
     "max_train_samples", "center_crop", "random_flip", "seed", "train_batch_size", "gradient_accumulation_steps",

@@ -35,6 +35,7 @@ from .atomic_files import write_json
 from .errors import first_line
 from .evaluation import SampleEvaluator
 from .hub import FaceDiffPipeline
+from .learned_variance import VLB_WEIGHT, variational_bound
 from .model_card import training_card_facts, training_evaluation_facts, write_model_card
 from .output_dir import check_output_dir, clear_previous_run, refuse_a_different_run
 from .pipelines import FaceDiffScheduler
@@ -55,7 +56,7 @@ from .training_evaluation import (
     rewind_evaluations,
     training_reference,
 )
-from .unet_presets import build_unet
+from .unet_presets import unet_config
 
 logger = get_logger(__name__)
 
@@ -145,6 +146,8 @@ def train(args: TrainingArguments) -> TrainingResult:
 
     if base is not None:
         unet, noise_scheduler = base.unet, base.scheduler
+        if args.variance_type is not None:  # sampled another way than the base; trained the same
+            noise_scheduler = FaceDiffScheduler.from_config(noise_scheduler.config, variance_type=args.variance_type)
         logger.info(f"Fine-tuning {args.pretrained_model_name_or_path} ({unet.num_parameters():,} parameters)")
     else:
         unet = _build_model(args, channels)
@@ -152,6 +155,7 @@ def train(args: TrainingArguments) -> TrainingResult:
             num_train_timesteps=args.ddpm_num_steps,
             beta_schedule=args.ddpm_beta_schedule,
             prediction_type=args.prediction_type,
+            variance_type=args.variance_type or "fixed_large",
         )
     optimizer = torch.optim.AdamW(
         unet.parameters(),
@@ -388,12 +392,19 @@ def _diffusion_loss(unet, scheduler: FaceDiffScheduler, pixels: torch.Tensor, ar
         target = clean
 
     prediction = unet(noisy, timesteps).sample
+    if args.learns_variance:
+        prediction, variance_output = prediction.chunk(2, dim=1)
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma is not None:
         snr = compute_snr(scheduler, timesteps)
         clipped = torch.clamp(snr, max=args.snr_gamma)
         weights = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}
         loss = loss * weights[args.prediction_type]
+    if args.learns_variance:  # Improved DDPM's hybrid loss: the bound trains the variance, not the mean
+        bound = variational_bound(
+            scheduler, clean, noisy, timesteps, prediction.detach(), args.prediction_type, variance_output
+        )
+        loss = loss + VLB_WEIGHT * bound
     return loss.mean()
 
 
@@ -443,16 +454,21 @@ class _TqdmLoggingHandler(logging.StreamHandler):
 
 
 def _build_model(args: TrainingArguments, channels: int) -> UNet2DModel:
+    """The UNet to train from scratch; with a learned variance, its output has twice the channels: the prediction,
+    then the variance output."""
+    outputs = 2 * channels if args.learns_variance else channels
     if args.model_config_name_or_path is None:
-        return build_unet(args.model_preset, args.effective_resolution, channels)
+        return UNet2DModel(
+            **{**unet_config(args.model_preset, args.effective_resolution, channels), "out_channels": outputs}
+        )
     config = UNet2DModel.load_config(args.model_config_name_or_path)
-    if config.get("in_channels") != channels or config.get("out_channels") != channels:
+    if config.get("in_channels") != channels or config.get("out_channels") not in (channels, outputs):
         raise ValueError(
             f"--model_config_name_or_path {args.model_config_name_or_path} takes {config.get('in_channels')} "
             f"channel(s) but the data has {channels}: pass --num_channels {config.get('in_channels')} "
             "or fix the config."
         )
-    config["sample_size"] = args.effective_resolution
+    config.update(sample_size=args.effective_resolution, out_channels=outputs)
     return UNet2DModel.from_config(config)
 
 

@@ -88,6 +88,12 @@ class TrainingArguments:
         "What the UNet learns to predict.", default="epsilon"
     )
     snr_gamma: float | None = _help("Min-SNR loss weighting gamma (Hang et al. 2023); 5.0 is typical.", default=None)
+    variance_type: Literal["fixed_large", "fixed_small", "learned_range"] | None = _help(
+        "The reverse step's variance: fixed_large (the document's beta_t), fixed_small (the posterior's), or "
+        "learned_range, learned by the UNet with Improved DDPM's hybrid loss (twice the output channels); "
+        "default: fixed_large, or the base's with --pretrained_model_name_or_path.",
+        default=None,
+    )
 
     # Optimisation
     output_dir: str = _help("Where the pipeline, checkpoints, samples and logs go.", default="facediff-output")
@@ -249,6 +255,11 @@ class TrainingArguments:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
         if self.lr_scheduler not in LR_SCHEDULES:
             raise ValueError(f"--lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULES)}.")
+        if self.pretrained_model_name_or_path is not None and self.variance_type == "learned_range":
+            raise ValueError(
+                "--variance_type learned_range needs a UNet with a variance output, which "
+                "--pretrained_model_name_or_path's model lacks: fine-tune with a fixed variance, or train from scratch."
+            )
         if self.pretrained_model_name_or_path is not None and self.model_config_name_or_path is not None:
             raise ValueError(
                 "--pretrained_model_name_or_path fine-tunes that model's UNet and --model_config_name_or_path builds "
@@ -274,6 +285,10 @@ class TrainingArguments:
             )
         if self.model_config_name_or_path is None and self.pretrained_model_name_or_path is None:
             unet_config(self.model_preset, self.effective_resolution, self.num_channels or 1)
+
+    @property
+    def learns_variance(self) -> bool:
+        return self.variance_type == "learned_range"
 
     @property
     def uses_builtin_digits(self) -> bool:
