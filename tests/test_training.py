@@ -20,6 +20,7 @@ from facediff.training_args import parse_training_arguments
 
 from .conftest import (
     FACES,
+    REPO,
     RGB_FACES,
     TINY_RGB_UNET,
     UNPATCHED_LOSS,
@@ -351,3 +352,9 @@ def test_max_train_minutes_alone_needs_a_constant_schedule(tmp_path):
     assert parse_training_arguments(["--max_train_minutes", "5", "--max_train_steps", "100"]).max_train_minutes == 5
     with pytest.raises(ValueError, match=r"^--max_train_minutes must be positive, got 0.0.$"):
         parse_training_arguments(["--max_train_minutes", "0", "--lr_scheduler", "constant"])
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_recipe_file_parses(recipe):
+    args = parse_training_arguments([str(recipe), "--train_data_dir", str(FACES)])
+    assert args.max_train_minutes is not None and args.eval_steps is not None and args.save_best
