@@ -308,8 +308,9 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
 
         Args:
             model_output (`torch.Tensor`):
-                The model's output at (x_t, t), read according to `prediction_type`; with a learned variance, the
-                prediction and the variance output, concatenated along the channels.
+                The model's output at (x_t, t), read according to `prediction_type`; from a model with a variance
+                output, the prediction and the variance output concatenated along the channels (a fixed
+                `variance_type` then samples with its own variance).
             timestep (`int` or `torch.Tensor`):
                 t, one of `self.timesteps`.
             sample (`torch.Tensor`):
@@ -327,7 +328,7 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         """
         predicted_variance = None
         learned = self.config.variance_type in LEARNED_VARIANCES
-        if learned and model_output.shape[1] == 2 * sample.shape[1]:
+        if model_output.shape[1] == 2 * sample.shape[1]:  # a fixed variance_type ignores the variance output
             model_output, predicted_variance = model_output.split(sample.shape[1], dim=1)
         if model_output.shape != sample.shape:
             twice = " (twice the channels with a learned variance_type)" if learned else ""

@@ -163,3 +163,13 @@ def test_a_learned_variance_needs_the_variance_output():
 def test_steps_offset_past_the_chain_is_refused():
     with pytest.raises(ValueError, match="steps_offset 1 puts the first of 1000 steps at 1000"):
         FaceDiffScheduler(timestep_spacing="leading", steps_offset=1).set_timesteps(1000)
+
+
+def test_a_fixed_variance_samples_a_learned_variance_model_with_its_own():
+    # The variance output is ignored: the same step as with the prediction alone.
+    scheduler = FaceDiffScheduler()
+    sample, prediction = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    with_variance = torch.cat([prediction, torch.rand(2, 1, 4, 4)], dim=1)
+    noise = torch.randn(2, 1, 4, 4)
+    expected = scheduler.step(prediction, 500, sample, variance_noise=noise).prev_sample
+    torch.testing.assert_close(scheduler.step(with_variance, 500, sample, variance_noise=noise).prev_sample, expected)
