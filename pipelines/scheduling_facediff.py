@@ -328,7 +328,7 @@ class FaceDiffScheduler(SchedulerMixin, ConfigMixin):
         """
         predicted_variance = None
         learned = self.config.variance_type in LEARNED_VARIANCES
-        if model_output.shape[1] == 2 * sample.shape[1]:  # a fixed variance_type ignores the variance output
+        if model_output.ndim > 1 and model_output.shape[1] == 2 * sample.shape[1]:  # fixed variances ignore it
             model_output, predicted_variance = model_output.split(sample.shape[1], dim=1)
         if model_output.shape != sample.shape:
             twice = " (twice the channels with a learned variance_type)" if learned else ""

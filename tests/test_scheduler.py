@@ -292,7 +292,7 @@ def test_default_is_the_ddpm_paper_schedule_not_the_documents_typo():
         ({"num_train_timesteps": 0}, "num_train_timesteps"),
         ({"beta_schedule": "quadratic"}, "beta_schedule"),
         ({"prediction_type": "noise"}, "prediction_type"),
-        ({"variance_type": "learned"}, "variance_type"),
+        ({"variance_type": "fixed_large_log"}, "variance_type"),
         ({"clip_sample_range": 0}, "clip_sample_range"),
         ({"eta": 1.5}, r"eta must lie in \[0, 1\]"),
     ],
