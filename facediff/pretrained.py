@@ -13,13 +13,12 @@ from .errors import first_line
 from .hub import check_model_location
 from .locations import looks_like_hub_id
 from .pipelines import FaceDiffScheduler
+from .pipelines.scheduling_facediff import LEARNED_VARIANCES
 from .training_args import TrainingArguments
 
 PICKLE_WEIGHTS = "unet/diffusion_pytorch_model.bin"
 # Schedulers whose config means what FaceDiffScheduler's means: betas over num_train_timesteps and a prediction type.
 BASE_SCHEDULERS = ("FaceDiffScheduler", "DDPMScheduler", "DDIMScheduler")
-# Variance types whose output a noise-prediction run cannot train (issue 18: Improved DDPM's hybrid loss, to come).
-LEARNED_VARIANCES = ("learned", "learned_range")
 
 
 @dataclass
@@ -39,11 +38,6 @@ class PretrainedBase:
     location: str
     unet: UNet2DModel
     scheduler: FaceDiffScheduler
-
-    @property
-    def hub_id(self) -> str | None:
-        """The Hub repo id it came from, for the card's `base_model`; None for a local folder."""
-        return None if os.path.isdir(self.location) else self.location
 
     @property
     def resolution(self) -> int:

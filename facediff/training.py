@@ -7,7 +7,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import count
 from pathlib import Path
 
@@ -563,9 +563,7 @@ def _end_of_epoch(args, accelerator, unet, scheduler, ema, output_dir: Path, epo
         _save_samples(args, accelerator, unet, scheduler, ema, output_dir, global_step)
     if args.save_model_epochs is not None and epoch % args.save_model_epochs == 0:
         if accelerator.is_main_process:
-            weights = copy.deepcopy(accelerator.unwrap_model(unet))
-            if ema is not None:
-                ema.copy_to(weights.parameters())
+            weights, _ = _final_weights(replace(args, save_best=False), accelerator.unwrap_model(unet), ema, output_dir)
             pipeline = FaceDiffPipeline(unet=weights, scheduler=FaceDiffScheduler.from_config(scheduler.config))
             with checkpointing.explain_disk_full(f"the pipeline of epoch {epoch}", output_dir):
                 pipeline.save_pretrained(output_dir)
