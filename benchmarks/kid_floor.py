@@ -8,7 +8,9 @@
 - held out: N real images scored against the other training images (the reference without them): what a model
   that draws new faces of the same people, as unlike their training images as real photographs are, would score.
 
-Mean and standard deviation over --repeats random draws of N images.
+Mean and standard deviation over --repeats random draws of N images, with the same draws' high-frequency ratio
+(their fine-detail energy over the reference's; see docs/evaluation.md): the band a model's grain or blur is judged
+against.
 """
 
 import argparse
@@ -29,19 +31,23 @@ def training_pixels(train_data_dir: str, resolution: int) -> torch.Tensor:
     return pixels.to(torch.uint8)
 
 
-def floors(pixels: torch.Tensor, num_images: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """Mean and standard deviation of the two floors' pixel-PCA KID over `repeats` draws of `num_images` images."""
+def floors(pixels: torch.Tensor, num_images: int, repeats: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """Mean and standard deviation of the two floors' pixel-PCA KID (`kid`) and high-frequency ratio
+    (`high_frequency_ratio`) over `repeats` draws of `num_images` images."""
     whole = SampleEvaluator(pixels)
     rng = np.random.default_rng(0)
-    drawn, held_out = [], []
+    scores = {"drawn from the reference": [], "held out of the reference": []}
     for _ in range(repeats):
         order = rng.permutation(len(pixels))
         chosen, rest = pixels[order[:num_images]], pixels[order[num_images:]]
-        drawn.append(whole.score(chosen)["pixel_pca_kid_mean"])
-        held_out.append(SampleEvaluator(rest).score(chosen)["pixel_pca_kid_mean"])
+        scores["drawn from the reference"].append(whole.score(chosen))
+        scores["held out of the reference"].append(SampleEvaluator(rest).score(chosen))
     return {
-        "drawn from the reference": (float(np.mean(drawn)), float(np.std(drawn))),
-        "held out of the reference": (float(np.mean(held_out)), float(np.std(held_out))),
+        name: {
+            short: (float(np.mean([draw[key] for draw in draws])), float(np.std([draw[key] for draw in draws])))
+            for short, key in (("kid", "pixel_pca_kid_mean"), ("high_frequency_ratio", "high_frequency_ratio"))
+        }
+        for name, draws in scores.items()
     }
 
 
@@ -55,10 +61,11 @@ def main():
 
     pixels = training_pixels(args.train_data_dir, args.resolution)
     print(f"{describe_cpu()}; {args.num_images} real images at {args.resolution}px, {args.repeats} draws")
-    print("| floor | pixel-PCA KID, mean ± std | mean + 2 std |")
-    print("|---|---:|---:|")
-    for name, (mean, std) in floors(pixels, args.num_images, args.repeats).items():
-        print(f"| {name} | {mean:.4f} ± {std:.4f} | {mean + 2 * std:.4f} |")
+    print("| floor | pixel-PCA KID, mean ± std | mean + 2 std | high-frequency ratio, mean ± std |")
+    print("|---|---:|---:|---:|")
+    for name, floor in floors(pixels, args.num_images, args.repeats).items():
+        (mean, std), (ratio, ratio_std) = floor["kid"], floor["high_frequency_ratio"]
+        print(f"| {name} | {mean:.4f} ± {std:.4f} | {mean + 2 * std:.4f} | {ratio:.3f} ± {ratio_std:.3f} |")
 
 
 if __name__ == "__main__":

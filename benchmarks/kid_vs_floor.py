@@ -6,7 +6,8 @@
 One 100-sample KID moves with the noise drawn by more than its printed ± (which covers the reference's subsets
 only), so a model is scored as the floor is: --sets sets of --num-images samples (seeds --seed, --seed + N, ...),
 each scored against the training images (a sample whose mirror image copies one counts as memorised, as for a
-model trained with flips), and reported as mean ± std over the sets, beside the floors of
+model trained with flips), and reported as mean ± std over the sets, with the sets' high-frequency ratio (grain above
+1, blur below; pixel-PCA KID hardly sees either), beside the floors of
 `kid_floor.py` (50 draws of as many real images: drawn from the reference, and held out of it). The samples are
 drawn in the precision `facediff sample` picks (`--dtype auto`: bfloat16 where the CPU computes it natively).
 """
@@ -23,18 +24,16 @@ from facediff.evaluation import SampleEvaluator
 from facediff.precision import auto_dtype
 from facediff.sample_grids import draw
 
+SCORES = ("pixel_pca_kid_mean", "memorised_share", "high_frequency_ratio")
+
 
 def score_sets(
     pipeline: FaceDiffPipeline, evaluator: SampleEvaluator, steps: int, sets: int, num_images: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-PCA KID and memorised share of each of `sets` sets of `num_images` samples."""
+) -> dict[str, np.ndarray]:
+    """Pixel-PCA KID, memorised share and high-frequency ratio of each of `sets` sets of `num_images` samples."""
     batches = draw(pipeline, sets * num_images, steps, seed, num_images, "pt")
-    kids, memorised = [], []
-    for _, images in batches:
-        scores = evaluator.score(images.mul(255).round().to(torch.uint8).cpu())
-        kids.append(scores["pixel_pca_kid_mean"])
-        memorised.append(scores["memorised_share"])
-    return np.array(kids), np.array(memorised)
+    scores = [evaluator.score(images.mul(255).round().to(torch.uint8).cpu()) for _, images in batches]
+    return {key: np.array([score[key] for score in scores]) for key in SCORES}
 
 
 def main():
@@ -61,18 +60,25 @@ def main():
     rows = []
     for model, pipeline in pipelines.items():
         for steps in args.steps:
-            kids, memorised = score_sets(pipeline, evaluator, steps, args.sets, args.num_images, args.seed)
-            rows.append((model, steps, kids, memorised))
+            rows.append((model, steps, score_sets(pipeline, evaluator, steps, args.sets, args.num_images, args.seed)))
 
     print(f"{describe_cpu()}; sampled in {reason}")
     print(f"{args.sets} sets of {args.num_images} samples (seeds from {args.seed}), against {len(pixels)} images")
-    print("| | steps | pixel-PCA KID, mean ± std over sets | per set | memorised (max) |")
-    print("|---|---:|---:|---|---:|")
-    for name, (mean, std) in floors(pixels, args.num_images, 50).items():
-        print(f"| floor: {name} (mean + 2 std: {mean + 2 * std:.4f}) | | {mean:.4f} ± {std:.4f} | | |")
-    for model, steps, kids, memorised in rows:
+    print("| | steps | pixel-PCA KID, mean ± std over sets | per set | memorised (max) | high-frequency ratio |")
+    print("|---|---:|---:|---|---:|---:|")
+    for name, floor in floors(pixels, args.num_images, 50).items():
+        (mean, std), (ratio, ratio_std) = floor["kid"], floor["high_frequency_ratio"]
+        print(
+            f"| floor: {name} (mean + 2 std: {mean + 2 * std:.4f}) | | {mean:.4f} ± {std:.4f} | | | "
+            f"{ratio:.3f} ± {ratio_std:.3f} |"
+        )
+    for model, steps, scores in rows:
+        kids, ratios = scores["pixel_pca_kid_mean"], scores["high_frequency_ratio"]
         per_set = ", ".join(f"{kid:.4f}" for kid in kids)
-        print(f"| {model} | {steps} | {kids.mean():.4f} ± {kids.std():.4f} | {per_set} | {memorised.max():.1%} |")
+        print(
+            f"| {model} | {steps} | {kids.mean():.4f} ± {kids.std():.4f} | {per_set} | "
+            f"{scores['memorised_share'].max():.1%} | {ratios.mean():.3f} ± {ratios.std():.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -108,7 +108,10 @@ def main():
 
     _, *stock = read_jsonl(stock_path)
     recipe = read_jsonl(recipe_dir / "eval_log.jsonl")
-    real = floors(training_pixels(args.train_data_dir, int(resolution)), args.num_images, repeats=50)
+    real = {
+        floor: scores["kid"]
+        for floor, scores in floors(training_pixels(args.train_data_dir, int(resolution)), args.num_images, 50).items()
+    }
     name = Path(args.config).stem
     print(f"{describe_cpu()}; {args.num_images} samples at {args.steps} steps against the training images")
     for floor, (mean, std) in real.items():

@@ -1,11 +1,13 @@
 """Sample quality against a reference set: FID and KID on the FID Inception, a Frechet distance and KID on pixel
-statistics that need no download, and a memorisation check.
+statistics that need no download, a memorisation check, and the samples' high-frequency energy against the
+reference's (grain or blur, which the pixel-PCA scores hardly see).
 
 The Frechet distance and KID are computed by torchmetrics (`FrechetInceptionDistance`, `KernelInceptionDistance`)
 from features extracted here once per set, so that the reference set is passed through a network once for every
 metric and every row of an evaluation.
 """
 
+import math
 import os
 import pickle
 import warnings
@@ -215,6 +217,28 @@ def nearest_distances(
     return nearest
 
 
+def high_frequency_energy(images: torch.Tensor) -> float:
+    """
+    The mean squared response of the 5-point Laplacian over the images' interior pixels, each channel on its own,
+    in pixels scaled to [0, 1]: the energy of their finest detail, where sampling grain shows and blur removes it.
+
+    Args:
+        images (`torch.Tensor`):
+            uint8 (N, C, H, W), H and W at least 3.
+
+    Returns:
+        `float`
+    """
+    laplacian = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    total, count = 0.0, 0
+    for start in range(0, len(images), RESIZE_BATCH_SIZE):
+        chunk = images[start : start + RESIZE_BATCH_SIZE].double() / 255
+        response = F.conv2d(chunk.flatten(0, 1).unsqueeze(1), laplacian.view(1, 1, 3, 3))
+        total += response.square().sum().item()
+        count += response.numel()
+    return total / count
+
+
 def memorisation_threshold(reference: torch.Tensor, percentile: float = MEMORISATION_PERCENTILE) -> float:
     """
     How close a sample must be to a reference image to count as a copy: the `percentile`-th percentile of the
@@ -322,6 +346,7 @@ class SampleEvaluator:
             None if inception is None else extract_features(inception, reference, batch_size, device)
         )
         self.memorisation_threshold = memorisation_threshold(reference)
+        self.reference_high_frequency_energy = high_frequency_energy(reference)
 
     def score(self, samples: torch.Tensor) -> dict[str, float]:
         """
@@ -330,8 +355,10 @@ class SampleEvaluator:
                 uint8 (M, C, H, W), M >= 2, the reference's image size.
 
         Returns:
-            `dict[str, float]`: `pixel_pca_fd`, `pixel_pca_kid_mean`, `pixel_pca_kid_std`, `memorised_share` and,
-            with an Inception, `fid`, `kid_mean`, `kid_std`.
+            `dict[str, float]`: `pixel_pca_fd`, `pixel_pca_kid_mean`, `pixel_pca_kid_std`, `memorised_share`,
+            `high_frequency_ratio` (the samples' `high_frequency_energy` over the reference's: 1 for as fine a
+            detail as the reference, above 1 for grain, below 1 for blur) and, with an Inception, `fid`,
+            `kid_mean`, `kid_std`.
         """
         if len(samples) < 2:
             raise ValueError(f"Scoring needs at least 2 samples, got {len(samples)}.")
@@ -357,6 +384,7 @@ class SampleEvaluator:
         if self.count_mirrored_copies:
             copies |= nearest_distances(samples.flip(-1), self.reference) < self.memorisation_threshold
         scores["memorised_share"] = copies.double().mean().item()
+        scores["high_frequency_ratio"] = _ratio(high_frequency_energy(samples), self.reference_high_frequency_energy)
         return scores
 
 
@@ -369,6 +397,13 @@ class _Precomputed(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
+
+
+def _ratio(value: float, reference: float) -> float:
+    """`value / reference`, where a reference of flat images has no detail to compare with (zero energy)."""
+    if reference > 0:
+        return value / reference
+    return math.inf if value > 0 else 1.0
 
 
 def _resized_pixels(images: torch.Tensor, side: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ EVAL_METRICS = (
     ("pixel_pca_fd", "pixel-pca-fd", "pixel-PCA FD"),
     ("pixel_pca_kid_mean", "pixel-pca-kid", "pixel-PCA KID"),
     ("memorised_share", "memorised-share", "memorised share"),
+    ("high_frequency_ratio", "high-frequency-ratio", "high-frequency ratio"),
 )
 # The During training table shows at most this many evaluations (evenly spread, with the last and the saved one);
 # the curve shows them all.
@@ -112,12 +113,14 @@ def evaluation_table(results: dict) -> str:
     """
     has_inception = "fid" in results["rows"][0]
     header = ["steps", *(["FID", "KID"] if has_inception else []), "pixel-PCA FD", "pixel-PCA KID", "memorised"]
+    header.append("high-frequency ratio")
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for row in results["rows"]:
         cells = [str(row["steps"])]
         if has_inception:
             cells += [f"{row['fid']:.2f}", _kid(row, "kid")]
         cells += [f"{row['pixel_pca_fd']:.3f}", _kid(row, "pixel_pca_kid"), f"{row['memorised_share']:.1%}"]
+        cells.append(_high_frequency_ratio(row))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -125,6 +128,11 @@ def evaluation_table(results: dict) -> str:
 def _kid(row: dict, name: str) -> str:
     """A KID cell; results written before the pixel-PCA KID existed have none."""
     return f"{row[name + '_mean']:.4f} ± {row[name + '_std']:.4f}" if name + "_mean" in row else "n/a"
+
+
+def _high_frequency_ratio(row: dict) -> str:
+    """A high-frequency ratio cell; results written before it existed have none."""
+    return f"{row['high_frequency_ratio']:.2f}" if "high_frequency_ratio" in row else "n/a"
 
 
 def evaluation_facts(folder: str | os.PathLike) -> dict:
@@ -428,7 +436,7 @@ def _training_evaluation_table(evaluations: list[dict], best_step: int | None, w
     with_minutes = all("train_minutes" in record for record in evaluations)
     header = ["step", *(["minutes"] if with_minutes else [])]
     header += [*(["samples", "sampling steps"] if with_sample_settings else []), "pixel-PCA FD"]
-    header += ["pixel-PCA KID", "memorised"]
+    header += ["pixel-PCA KID", "memorised", "high-frequency ratio"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for record in shown:
         cells = [f"**{record['step']}** (saved)" if record["step"] == best_step else str(record["step"])]
@@ -437,6 +445,7 @@ def _training_evaluation_table(evaluations: list[dict], best_step: int | None, w
         if with_sample_settings:
             cells += [str(record["num_images"]), str(record["inference_steps"])]
         cells += [f"{record['pixel_pca_fd']:.3f}", _kid(record, "pixel_pca_kid"), f"{record['memorised_share']:.1%}"]
+        cells.append(_high_frequency_ratio(record))
         lines.append("| " + " | ".join(cells) + " |")
     if len(shown) < len(evaluations):
         lines.append(f"\n{len(shown)} of the {len(evaluations)} evaluations; the curve above shows them all.")

@@ -541,6 +541,7 @@ def _evaluate(
         "eval/pixel_pca_kid": record["pixel_pca_kid_mean"],
         "eval/pixel_pca_kid_std": record["pixel_pca_kid_std"],
         "eval/memorised_share": record["memorised_share"],
+        "eval/high_frequency_ratio": record["high_frequency_ratio"],
     }
     accelerator.log(scores, step=global_step)
 

@@ -39,7 +39,7 @@ EVAL_LOG_NAME = "eval_log.jsonl"
 BEST_EVAL_NAME = "best_eval.safetensors"
 EVAL_CURVE_NAME = "eval_curve.png"
 # What each evaluation records of `SampleEvaluator.score`.
-SCORES = ("pixel_pca_fd", "pixel_pca_kid_mean", "pixel_pca_kid_std", "memorised_share")
+SCORES = ("pixel_pca_fd", "pixel_pca_kid_mean", "pixel_pca_kid_std", "memorised_share", "high_frequency_ratio")
 # --save_best keeps the lowest: KID is unbiased at a few dozen samples, where the FD's bias hides small changes.
 BEST_SCORE = "pixel_pca_kid_mean"
 # The reference is at most this many training images, a seeded subset, so that the fit and each memorisation check
@@ -187,7 +187,8 @@ class TrainingEvaluator:
             f"Evaluation at step {step} ({time.monotonic() - started:.1f} s): "
             f"pixel-PCA FD {record['pixel_pca_fd']:.3f}, "
             f"pixel-PCA KID {record['pixel_pca_kid_mean']:.4f} ± {record['pixel_pca_kid_std']:.4f}, "
-            f"memorised {record['memorised_share']:.1%}"
+            f"memorised {record['memorised_share']:.1%}, "
+            f"high-frequency ratio {record['high_frequency_ratio']:.2f}"
         )
         if record["memorised_share"] > MEMORISATION_WARNING_SHARE:
             save_best = (

@@ -61,7 +61,8 @@ def test_evaluations_are_logged_plotted_and_shown_on_the_card(tmp_path):
     assert 0 < minutes[0] <= minutes[1] <= minutes[2] < 1 and minutes[0] < minutes[2]
     assert all(record["num_images"] == 8 and record["inference_steps"] == 3 for record in records)
     logged = EventAccumulator(str(output / "logs" / "facediff")).Reload()  # the tracker's scalars, not its hparams
-    for tag in ("eval/pixel_pca_fd", "eval/pixel_pca_kid", "eval/pixel_pca_kid_std", "eval/memorised_share"):
+    tags = ("eval/pixel_pca_fd", "eval/pixel_pca_kid", "eval/pixel_pca_kid_std", "eval/memorised_share")
+    for tag in (*tags, "eval/high_frequency_ratio"):
         assert [event.step for event in logged.Scalars(tag)] == [2, 4, 5], tag
     kids = [event.value for event in logged.Scalars("eval/pixel_pca_kid")]
     assert kids == pytest.approx([record["pixel_pca_kid_mean"] for record in records])
@@ -111,7 +112,7 @@ def scores_in_turn(monkeypatch, turns: list[tuple[float, float]]) -> None:
     def score(self, samples):
         kid, memorised = remaining.pop(0)
         return {"pixel_pca_fd": 10 * kid, "pixel_pca_kid_mean": kid, "pixel_pca_kid_std": 0.1,
-                "memorised_share": memorised}  # fmt: skip
+                "memorised_share": memorised, "high_frequency_ratio": 1.0}  # fmt: skip
 
     monkeypatch.setattr(SampleEvaluator, "score", score)
 

@@ -6,9 +6,11 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from scipy import ndimage
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -19,6 +21,7 @@ from facediff.evaluation import (
     CHUNK_BYTES,
     PixelPCA,
     SampleEvaluator,
+    high_frequency_energy,
     load_fid_inception,
     load_reference,
     memorisation_threshold,
@@ -88,7 +91,23 @@ def test_scores_are_zero_for_the_reference_itself_and_grow_with_a_brightness_shi
 
 def test_results_from_before_the_pixel_pca_kid_still_make_a_table():
     row = {"steps": 100, "pixel_pca_fd": 2.5, "memorised_share": 0.0}  # eval_results.json written before that column
-    assert evaluation_table({"rows": [row]}).splitlines()[2] == "| 100 | 2.500 | n/a | 0.0% |"
+    assert evaluation_table({"rows": [row]}).splitlines()[2] == "| 100 | 2.500 | n/a | 0.0% | n/a |"
+
+
+def test_high_frequency_energy_is_scipy_laplacian_energy_and_the_ratio_sees_grain_and_blur(faces):
+    torch.manual_seed(0)
+    rgb = torch.randint(0, 256, (3, 3, 9, 7), dtype=torch.uint8)
+    # scipy's Laplacian over the interior (where its border mode plays no part), each channel on its own.
+    interior = [ndimage.laplace(image.double().numpy() / 255)[1:-1, 1:-1] for image in rgb.flatten(0, 1)]
+    assert high_frequency_energy(rgb) == pytest.approx(np.mean(np.square(interior)), rel=1e-12)
+
+    evaluator = SampleEvaluator(faces)
+    grain = (faces.float() + 12 * torch.randn(faces.shape)).round().clamp(0, 255).to(torch.uint8)
+    blur = torch.nn.functional.avg_pool2d(faces.float(), 3, stride=1, padding=1, count_include_pad=False)
+    ratios = [evaluator.score(images)["high_frequency_ratio"] for images in (faces, grain, blur.round().byte())]
+    assert ratios[0] == 1.0 and ratios[1] > 1.5 and ratios[2] < 0.5, ratios
+    flat = torch.full((4, 1, 8, 8), 128, dtype=torch.uint8)
+    assert SampleEvaluator(torch.cat([flat, flat + 1])).score(flat)["high_frequency_ratio"] == 1.0
 
 
 def test_reference_loads_at_sizes_no_preset_takes():
@@ -148,7 +167,7 @@ def test_eval_writes_a_table_json_and_the_card_model_index(gray_pipeline, random
     assert main(["eval", str(model), *flags, "--inception-weights", str(random_inception_weights)]) == 0
 
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "| steps | FID | KID | pixel-PCA FD | pixel-PCA KID | memorised |"
+    assert printed[0] == "| steps | FID | KID | pixel-PCA FD | pixel-PCA KID | memorised | high-frequency ratio |"
     assert [line.split(" | ")[0] for line in printed[2:4]] == ["| 2", "| 1"]
     assert printed[4] == f"Wrote {model / 'eval_results.json'} and refreshed {model / 'README.md'}"
     results = json.loads((model / "eval_results.json").read_text())
@@ -163,6 +182,7 @@ def test_eval_writes_a_table_json_and_the_card_model_index(gray_pipeline, random
         "pixel_pca_kid_mean",
         "pixel_pca_kid_std",
         "memorised_share",
+        "high_frequency_ratio",
     }
     assert set(results["rows"][0]) == {"steps", *scores, "sampling_seconds"}
 
@@ -170,23 +190,24 @@ def test_eval_writes_a_table_json_and_the_card_model_index(gray_pipeline, random
     card = ModelCard.load(model / "README.md")
     assert card.data.model_name == "model"
     metrics = [(result.metric_type, result.metric_name) for result in card.data.eval_results]
-    assert metrics[:5] == [
+    assert metrics[:6] == [
         ("fid", "FID (2 steps, 2 samples)"),
         ("kid", "KID (2 steps, 2 samples)"),
         ("pixel-pca-fd", "pixel-PCA FD (2 steps, 2 samples)"),
         ("pixel-pca-kid", "pixel-PCA KID (2 steps, 2 samples)"),
         ("memorised-share", "memorised share (2 steps, 2 samples)"),
+        ("high-frequency-ratio", "high-frequency ratio (2 steps, 2 samples)"),
     ]
-    assert len(metrics) == 10
+    assert len(metrics) == 12
     # A local --reference is no Hub dataset: the Hub would read its path as a dataset id.
     assert {(result.dataset_type, result.dataset_name) for result in card.data.eval_results} == {
         ("imagefolder", "faces/train")
     }
     assert card.text.count("## Evaluation") == 1 and "## Usage\n\nDraw faces." in card.text
-    assert "| steps | FID | KID | pixel-PCA FD | pixel-PCA KID | memorised |" in card.text
+    assert "| steps | FID | KID | pixel-PCA FD | pixel-PCA KID | memorised | high-frequency ratio |" in card.text
     # A card rendered from the template, as training writes it, picks the results up too.
     card = ModelCard.load(write_model_card({"model_name": "model"}, model))
-    assert len(card.data.eval_results) == 10 and card.text.count("## Evaluation") == 1
+    assert len(card.data.eval_results) == 12 and card.text.count("## Evaluation") == 1
     assert "2 samples per row (seed 0, `variance_type` fixed_large) against 4 images of `faces/train`" in card.text
 
     # Results of other weights (the folder retrained or resumed) are not the card's.
