@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 # Modes that can hold transparency, which training puts on white (facediff.data.to_pixels).
-TRANSPARENT_MODES = ("P", "PA", "LA", "La", "RGBA", "RGBa")
+TRANSPARENT_MODES = ("P", "PA", "LA", "RGBA")
 
 
 class FaceDiffImageIO:

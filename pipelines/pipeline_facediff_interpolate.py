@@ -4,6 +4,8 @@
 """Interpolation with a trained DDPM: two images are DDIM-inverted to their x_T (Song et al. 2021), or two seeds
 give two noises; the frames between are spherical interpolations of the two, decoded by DDIM (eta 0)."""
 
+import inspect
+
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
@@ -78,7 +80,7 @@ class FaceDiffInterpolationPipeline(DiffusionPipeline, FaceDiffImageIO):
             ends = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.chain_dtype)
         sample = torch.stack([slerp(ends[0], ends[1], fraction) for fraction in torch.linspace(0, 1, num_frames)])
 
-        decoder = DDIMScheduler.from_config(self.scheduler.config, **DDIM_OPTIONS)
+        decoder = ddim_on_schedule(DDIMScheduler, self.scheduler)
         decoder.set_timesteps(num_inference_steps)
         for t in self.progress_bar(decoder.timesteps):
             sample = decoder.step(self.model_output(sample, t), t, sample, eta=0.0).prev_sample
@@ -104,11 +106,31 @@ class FaceDiffInterpolationPipeline(DiffusionPipeline, FaceDiffImageIO):
             `torch.Tensor`: x_T, (N, C, H, W).
         """
         sample = self.preprocess(image)
-        inverse = DDIMInverseScheduler.from_config(self.scheduler.config, **DDIM_OPTIONS)
+        inverse = ddim_on_schedule(DDIMInverseScheduler, self.scheduler)
         inverse.set_timesteps(num_inference_steps)
         for t in self.progress_bar(inverse.timesteps):
             sample = inverse.step(self.model_output(sample, t), t, sample).prev_sample
         return sample
+
+
+def ddim_on_schedule(ddim_class: type, scheduler) -> DDIMScheduler | DDIMInverseScheduler:
+    """
+    A DDIM scheduler (or its inverse) on `scheduler`'s schedule, with `DDIM_OPTIONS`. Only the keys DDIM takes are
+    passed, all of them: diffusers would warn about the others, and give a key left at its default in an in-memory
+    config DDIM's own default instead (`_use_default_values`).
+
+    Args:
+        ddim_class (`type`):
+            `DDIMScheduler` or `DDIMInverseScheduler`.
+        scheduler (`SchedulerMixin`):
+            The model's scheduler.
+
+    Returns:
+        `DDIMScheduler` or `DDIMInverseScheduler`
+    """
+    keys = inspect.signature(ddim_class.__init__).parameters
+    config = {key: value for key, value in scheduler.config.items() if key in keys}
+    return ddim_class.from_config({**config, **DDIM_OPTIONS})
 
 
 def slerp(start: torch.Tensor, end: torch.Tensor, fraction: float) -> torch.Tensor:
