@@ -144,9 +144,12 @@ class FaceDiffPipeline(DiffusionPipeline):
         folder, source = Path(save_directory), Path(__file__)
         scheduler_source = source.with_name("scheduling_facediff.py")
         # Beside the pipeline for the relative imports; for our scheduler, also in scheduler/, where diffusers looks
-        # for a component's own code. A diffusers scheduler keeps the entry diffusers wrote for it.
+        # for a component's own code. A diffusers scheduler keeps the entry diffusers wrote for it. Run as remote
+        # code, this module has beside it only the modules that diffusers copied for what was loaded: the editing
+        # pipelines go along when they are there.
         for name in (source.name, *SIBLING_MODULES):
-            shutil.copyfile(source.with_name(name), folder / name)
+            if source.with_name(name).is_file():
+                shutil.copyfile(source.with_name(name), folder / name)
         index = json.loads((folder / "model_index.json").read_text())
         index["_class_name"] = [source.stem, FaceDiffPipeline.__name__]
         if index["scheduler"][-1] == FaceDiffScheduler.__name__:
