@@ -20,6 +20,7 @@ from facediff import (
 )
 from facediff.cli import main
 from facediff.data import to_pixels
+from facediff.model_card import pipeline_model_card
 
 from .conftest import FACES, RGB_FACES, folder_state, tiny_unet
 
@@ -420,3 +421,18 @@ def test_an_out_with_earlier_results_is_refused_unless_overwrite(model_folder, t
     assert folder_state(out) == before
     assert main([*flags, "--strength", "0.5", "--overwrite"]) == 0
     assert sorted(path.name for path in out.iterdir()) == ["strength-0.5.png", "strip.png"]
+
+
+def test_the_model_card_shows_the_editing_uses_and_its_code_runs(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    pipeline = FaceDiffPipeline(unet=tiny_unet(1), scheduler=FaceDiffScheduler(num_train_timesteps=10))
+    card = pipeline_model_card(pipeline, "someone/faces").text
+    assert 'from_pretrained("someone/faces", custom_pipeline="pipeline_facediff_inpaint",' in card
+    snippet = card.split("## Editing faces")[1].split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    face(0).save("face.png")
+    face(1).save("other.png")
+    eyes_mask().save("mask.png")
+    namespace = {"pipeline": pipeline}
+    exec(snippet, namespace)
+    assert len(namespace["filled"]) == len(namespace["cleaned"]) == 1 and len(namespace["frames"]) == 8
