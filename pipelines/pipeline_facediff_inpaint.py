@@ -85,11 +85,12 @@ class FaceDiffInpaintPipeline(DiffusionPipeline, FaceDiffImageIO):
         sample, previous = self.noise_like(original, generator), num_inference_steps
         for j in self.progress_bar(repaint_schedule(num_inference_steps, jump_length, jump_n_sample)):
             if j < previous:  # a reverse step down to level j, with the known pixels put there by (3)
-                t = self.scheduler.timesteps[num_inference_steps - 1 - j]
+                t = levels[j + 1]
                 sample = self.scheduler.step(self.model_output(sample, t), t, sample, generator=generator).prev_sample
                 noise = self.noise_like(original, generator)  # drawn at level 0 too, as RePaintPipeline draws it
-                level = torch.full((len(original),), levels[j])
-                known = self.scheduler.add_noise(original, noise, level) if j > 0 else original
+                known = original
+                if j > 0:
+                    known = self.scheduler.add_noise(original, noise, torch.full((len(original),), levels[j]))
                 sample = mask * sample + (1 - mask) * known
             else:  # resampling: back up from level j - 1 to level j by the forward process
                 ratio = alpha_prods[j] / alpha_prods[j - 1]
