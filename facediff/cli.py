@@ -1,18 +1,24 @@
 """The `facediff` command: `facediff sample MODEL ...` draws images from a trained pipeline, `facediff eval MODEL
---reference DATA ...` scores its samples against reference images."""
+--reference DATA ...` scores its samples against reference images, and `facediff inpaint`, `edit` and `interpolate`
+edit images with it."""
 
 import argparse
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.utils import make_image_grid
+from PIL import Image
 
 from .allocator import keep_freed_memory
-from .atomic_files import write_json
+from .atomic_files import replace_entries, write_json
 from .data import ImageSourceError
+from .editing import FaceDiffImg2ImgPipeline, FaceDiffInpaintPipeline, FaceDiffInterpolationPipeline
 from .errors import first_line
 from .hub import FaceDiffPipeline, check_model_location
 from .model_card import EVAL_RESULTS_NAME, evaluation_table, load_card, model_digest, refresh_card_evaluation
@@ -26,6 +32,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 MEMORY_FORMATS = {"auto": None, "channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 # What `facediff sample` writes into --out: 00000.png, 00001.png, ... and grid.png.
 SAMPLE_FILE_NAME = re.compile(r"\d{5,}\.png|grid\.png")
+# What `facediff inpaint` and `interpolate` write into --out (results or frames, and the strip), and `facediff edit`.
+NUMBERED_RESULT_FILE_NAME = re.compile(r"\d{5,}\.png|strip\.png")
+EDIT_FILE_NAME = re.compile(r"strength-[0-9.e+-]+\.png|strip\.png")
 
 
 def sample(args: argparse.Namespace) -> Path:
@@ -42,16 +51,7 @@ def sample(args: argparse.Namespace) -> Path:
         `Path`: the grid.
     """
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: pass a folder for the PNGs.")
-    earlier_samples = sorted(path for path in out.glob("*.png") if SAMPLE_FILE_NAME.fullmatch(path.name))
-    if earlier_samples and not args.overwrite:
-        # New images would mix with the old ones, and a shorter run would leave old ones beside a new grid.
-        names = ", ".join(path.name for path in earlier_samples[:2]) + (", ..." if len(earlier_samples) > 2 else "")
-        raise ValueError(
-            f"--out {out} already holds samples ({names}): choose a new or empty --out, or pass --overwrite to "
-            "replace them."
-        )
+    earlier_samples = _earlier_outputs(out, SAMPLE_FILE_NAME, args.overwrite, "samples")
     pipeline, precision_note = load_sampler(args)
     _check_steps(pipeline, [args.steps])
     for path in earlier_samples:
@@ -67,6 +67,101 @@ def sample(args: argparse.Namespace) -> Path:
             image.save(out / f"{index:05d}.png")
         images += batch
     return save_grid(images, out / "grid.png")
+
+
+def inpaint(args: argparse.Namespace) -> Path:
+    """
+    Fill in the white part of `args.mask` in `args.image`: write `args.num_images` results (result i drawn with seed
+    `seed + i`) and a strip: the image as the model sees it, the part kept, the results.
+
+    Args:
+        args (`argparse.Namespace`):
+            `model`, `image`, `mask`, `num_images`, `steps`, `jump_length`, `jump_n_sample`, `seed`, `out`,
+            `overwrite`, and the sampler options that `load_sampler` reads.
+
+    Returns:
+        `Path`: the strip.
+    """
+    out = Path(args.out)
+    earlier = _earlier_outputs(out, NUMBERED_RESULT_FILE_NAME, args.overwrite, "results")
+    image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
+    pipeline, precision_note = load_sampler(args)
+    _check_steps(pipeline, [args.steps])
+    inpainter = FaceDiffInpaintPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
+    original, kept = inpainter.preprocess(image), 1 - inpainter.preprocess_mask(mask, image, 1)  # checks the mask
+    print(precision_note, file=sys.stderr)
+    results = inpainter(
+        image=[image] * args.num_images,
+        mask_image=mask,
+        num_inference_steps=args.steps,
+        jump_length=args.jump_length,
+        jump_n_sample=args.jump_n_sample,
+        generator=[torch.Generator().manual_seed(args.seed + index) for index in range(args.num_images)],
+    ).images
+    # The part repainted shows as mid-gray, 0 in the model's [-1, 1].
+    strip = inpainter.postprocess(torch.cat([original, original * kept]), "pil") + results
+    images = {f"{index:05d}.png": result for index, result in enumerate(results)}
+    return _write_outputs(out, {**images, "strip.png": _strip(strip)}, earlier)
+
+
+def edit(args: argparse.Namespace) -> Path:
+    """
+    Noise `args.image` to each strength and denoise it (SDEdit), all with seed `args.seed`: write one result per
+    strength and a strip: the image as the model sees it, then the results.
+
+    Args:
+        args (`argparse.Namespace`):
+            `model`, `image`, `strength` (a list), `steps`, `seed`, `out`, `overwrite`, and the sampler options that
+            `load_sampler` reads.
+
+    Returns:
+        `Path`: the strip.
+    """
+    out = Path(args.out)
+    earlier = _earlier_outputs(out, EDIT_FILE_NAME, args.overwrite, "results")
+    image = _open_image(args.image, "--image")
+    pipeline, precision_note = load_sampler(args)
+    _check_steps(pipeline, [args.steps])
+    editor = FaceDiffImg2ImgPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
+    print(precision_note, file=sys.stderr)
+    results = {}
+    for strength in dict.fromkeys(args.strength):
+        generator = torch.Generator().manual_seed(args.seed)
+        edited = editor(image=image, strength=strength, num_inference_steps=args.steps, generator=generator)
+        results[f"strength-{strength:g}.png"] = edited.images[0]
+    strip = editor.postprocess(editor.preprocess(image), "pil") + list(results.values())
+    return _write_outputs(out, {**results, "strip.png": _strip(strip)}, earlier)
+
+
+def interpolate(args: argparse.Namespace) -> Path:
+    """
+    Write `args.frames` frames between two images (DDIM-inverted) or two seeds, and a strip of them.
+
+    Args:
+        args (`argparse.Namespace`):
+            `model`, `image` (two paths) or `seeds` (two seeds), `frames`, `steps`, `out`, `overwrite`, and the
+            model options that `load_sampler` reads.
+
+    Returns:
+        `Path`: the strip.
+    """
+    out = Path(args.out)
+    if args.image is not None and len(args.image) != 2:
+        raise ValueError(
+            f"--image was given {len(args.image)} time(s): pass two images (--image A --image B), or --seeds S1 S2."
+        )
+    earlier = _earlier_outputs(out, NUMBERED_RESULT_FILE_NAME, args.overwrite, "frames")
+    images = [_open_image(path, "--image") for path in args.image] if args.image is not None else None
+    pipeline, precision_note = load_sampler(args)
+    _check_steps(pipeline, [args.steps])
+    interpolator = FaceDiffInterpolationPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
+    generators = [torch.Generator().manual_seed(seed) for seed in args.seeds] if images is None else None
+    print(precision_note, file=sys.stderr)
+    frames = interpolator(
+        image=images, generator=generators, num_frames=args.frames, num_inference_steps=args.steps
+    ).images
+    written = {f"{index:05d}.png": frame for index, frame in enumerate(frames)}
+    return _write_outputs(out, {**written, "strip.png": _strip(frames)}, earlier)
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
@@ -174,7 +269,8 @@ def load_sampler(args: argparse.Namespace) -> tuple[FaceDiffPipeline, str]:
     else:
         dtype, precision_note = DTYPES[args.dtype], f"Sampling in {args.dtype} (--dtype)."
     pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
-    scheduler_options = {"variance_type": args.variance_type, "eta": args.eta, "clip_sample": args.clip_sample}
+    # `facediff interpolate` has none of these: it decodes with DDIM.
+    scheduler_options = {name: getattr(args, name, None) for name in ("variance_type", "eta", "clip_sample")}
     scheduler_options = {name: value for name, value in scheduler_options.items() if value is not None}
     if scheduler_options:
         pipeline.scheduler = FaceDiffScheduler.from_config(pipeline.scheduler.config, **scheduler_options)
@@ -186,40 +282,45 @@ def load_sampler(args: argparse.Namespace) -> tuple[FaceDiffPipeline, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facediff", description="Sample from and evaluate facediff DDPM pipelines.")
+    parser = argparse.ArgumentParser(
+        prog="facediff", description="Sample from, evaluate and edit images with facediff DDPM pipelines."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    # What both commands sample with.
-    sampler_options = argparse.ArgumentParser(add_help=False)
-    sampler_options.add_argument("--device", default=None, help="cpu, cuda, mps, ...; default: cuda when available")
-    sampler_options.add_argument(
+    # How every command runs the model.
+    model_options = argparse.ArgumentParser(add_help=False)
+    model_options.add_argument("--device", default=None, help="cpu, cuda, mps, ...; default: cuda when available")
+    model_options.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
         help="the UNet's precision (the sampling chain stays float32); auto: bfloat16 where the CPU or GPU computes it "
         "natively (AMX, AVX512-BF16, recent GPUs), else float32",
     )
-    sampler_options.add_argument(
+    model_options.add_argument("--threads", type=_positive, default=None, help="CPU threads; default: torch's")
+    model_options.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (with CUDA graphs on a GPU) after about a minute's compile: 1.35-1.56x the "
+        "stock pipeline's speed on a 2-core CPU, 1.72x on an H100 in fp16",
+    )
+    # The commands that run the model's own sampler (all but interpolate, which decodes with DDIM).
+    chain_options = argparse.ArgumentParser(add_help=False)
+    chain_options.add_argument(
         "--variance-type", choices=["fixed_large", "fixed_small"], default=None, help="default: the saved scheduler's"
     )
-    sampler_options.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] on the same chain")
-    sampler_options.add_argument(
+    chain_options.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] on the same chain")
+    chain_options.add_argument(
         "--clip-sample",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="clip each step's x_0 prediction to [-1, 1] (advised with --eta 0); default: the saved scheduler's",
     )
-    sampler_options.add_argument("--threads", type=_positive, default=None, help="CPU threads; default: torch's")
+    sampler_options = argparse.ArgumentParser(add_help=False, parents=[model_options, chain_options])
     sampler_options.add_argument(
         "--memory-format",
         choices=list(MEMORY_FORMATS),
         default="auto",
         help="tensor layout while sampling; auto: channels_last on a CPU, contiguous on a GPU (faster on each)",
-    )
-    sampler_options.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the UNet (with CUDA graphs on a GPU) after about a minute's compile: 1.35-1.56x the "
-        "stock pipeline's speed on a 2-core CPU, 1.72x on an H100 in fp16",
     )
     sampler = commands.add_parser("sample", parents=[sampler_options], help="draw images from a trained pipeline")
     sampler.add_argument("model", help="a pipeline folder or a Hub repo id (user/name)")
@@ -260,6 +361,53 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-reference", type=_positive_pair, default=None, help="use a seeded random subset of the reference images"
     )
     evaluator.add_argument("--out", default=None, help=f"the JSON results; default: MODEL/{EVAL_RESULTS_NAME}")
+
+    model_help = "a pipeline folder or a Hub repo id (user/name)"
+    overwrite_help = "replace the results that an earlier run left in --out"
+    inpainter = commands.add_parser(
+        "inpaint", parents=[model_options, chain_options], help="fill in the white part of a mask (RePaint)"
+    )
+    inpainter.add_argument("model", help=model_help)
+    inpainter.add_argument("--image", required=True, help="the image: any mode and size, converted as in training")
+    inpainter.add_argument("--mask", required=True, help="the image's size: white where to repaint, black to keep")
+    inpainter.add_argument("--num-images", type=_positive, default=1, help="results, result i with seed + i")
+    inpainter.add_argument("--steps", type=_positive, default=None, help="respaced sampling steps; default: all T")
+    inpainter.add_argument("--jump-length", type=_positive, default=10, help="RePaint's steps per jump back up")
+    inpainter.add_argument(
+        "--jump-n-sample", type=_positive, default=10, help="RePaint's runs of each stretch (1: no resampling)"
+    )
+    inpainter.add_argument("--seed", type=int, default=0)
+    inpainter.add_argument("--out", required=True, help="folder for 00000.png, ... and strip.png")
+    inpainter.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+    editor = commands.add_parser(
+        "edit", parents=[model_options, chain_options], help="noise an image part of the way and denoise it (SDEdit)"
+    )
+    editor.add_argument("model", help=model_help)
+    editor.add_argument("--image", required=True, help="the image: any mode and size, converted as in training")
+    editor.add_argument(
+        "--strength",
+        type=_fraction,
+        nargs="+",
+        default=[0.5],
+        help="how far to noise, in [0, 1], one result each: 0 returns the image, 1 draws a new one; default: 0.5",
+    )
+    editor.add_argument("--steps", type=_positive, default=None, help="respaced sampling steps; default: all T")
+    editor.add_argument("--seed", type=int, default=0)
+    editor.add_argument("--out", required=True, help="folder for strength-S.png and strip.png")
+    editor.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+    interpolator = commands.add_parser(
+        "interpolate", parents=[model_options], help="frames between two images (DDIM-inverted) or two seeds"
+    )
+    interpolator.add_argument("model", help=model_help)
+    ends = interpolator.add_mutually_exclusive_group(required=True)
+    ends.add_argument("--image", action="append", help="an end: pass it twice (--image A --image B)")
+    ends.add_argument("--seeds", type=int, nargs=2, metavar=("S1", "S2"), help="two seeds, whose noises are the ends")
+    interpolator.add_argument("--frames", type=_positive_pair, default=8, help="frames, both ends included")
+    interpolator.add_argument("--steps", type=_positive, default=50, help="DDIM steps; default: 50")
+    interpolator.add_argument("--out", required=True, help="folder for 00000.png, ... and strip.png")
+    interpolator.add_argument("--overwrite", action="store_true", help=overwrite_help)
     return parser
 
 
@@ -270,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sample":
             grid = sample(args)
             print(f"Wrote {args.num_images} images and {grid}")
+        elif args.command in EDITING_COMMANDS:
+            strip = EDITING_COMMANDS[args.command](args)
+            print(f"Wrote {strip} and the images in it")
         else:
             results, out, card = evaluate(args)
             print(evaluation_table(results))
@@ -278,6 +429,62 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}".splitlines()[0], file=sys.stderr)
         return 2
     return 0
+
+
+EDITING_COMMANDS = {"inpaint": inpaint, "edit": edit, "interpolate": interpolate}
+
+
+def _earlier_outputs(out: Path, file_name: re.Pattern, overwrite: bool, what: str) -> list[Path]:
+    """
+    The files a command's earlier run left in `out`, which it replaces with `overwrite` and refuses to mix with new
+    ones otherwise (a shorter run would leave old ones beside the new); `out` must be a folder or not exist yet.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pass a folder for the PNGs.")
+    earlier = sorted(path for path in out.glob("*.png") if file_name.fullmatch(path.name))
+    if earlier and not overwrite:
+        names = ", ".join(path.name for path in earlier[:2]) + (", ..." if len(earlier) > 2 else "")
+        raise ValueError(
+            f"--out {out} already holds {what} ({names}): choose a new or empty --out, or pass --overwrite to "
+            "replace them."
+        )
+    return earlier
+
+
+def _write_outputs(out: Path, images: dict[str, Image.Image], earlier: list[Path]) -> Path:
+    """Replace the `earlier` outputs with `images`, written whole beside `out`'s entries and renamed into place, so
+    that no PNG is ever half-written; returns the strip."""
+    for path in earlier:
+        path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".facediff-staging-", dir=out))
+    try:
+        for name, image in images.items():
+            image.save(staging / name)
+        replace_entries(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "strip.png"
+
+
+def _open_image(path: str, flag: str) -> Image.Image:
+    """The image file `path`, decoded, or one line naming the flag, the problem and the fix."""
+    if not Path(path).is_file():
+        problem = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise ValueError(f"{flag} {path} {problem}: pass an image file (PNG, JPEG, ...).")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except OSError as error:  # PIL's UnidentifiedImageError and truncated files
+        raise ValueError(
+            f"{flag} {path} is not an image PIL can read ({type(error).__name__}): pass a PNG, JPEG, ... file."
+        ) from error
+
+
+def _strip(images: list[Image.Image]) -> Image.Image:
+    """Images side by side, in one row."""
+    return make_image_grid(images, rows=1, cols=len(images))
 
 
 def _dataset_name(reference: str) -> str:
@@ -329,6 +536,18 @@ def _device(args: argparse.Namespace) -> str:
 def _positive(text: str) -> int:
     """At least 1; argparse names the option."""
     return _integer_at_least(text, 1)
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1]; argparse names the option."""
+    message = f"{text!r} is not a number in [0, 1] (0 returns the image, 1 draws a new one)"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(message) from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(message)
+    return value
 
 
 def _positive_pair(text: str) -> int:

@@ -6,13 +6,14 @@ import shutil
 from pathlib import Path
 
 from .checkpointing import checkpoint_training_args, list_checkpoints, resolve_checkpoint
+from .pipelines.pipeline_facediff import SIBLING_MODULES
 from .training_args import TrainingArguments, default_resolution
 
 RUN_MARKERS = ("model_index.json", "training_args.json")
 # What a finished run writes besides its checkpoints and logs: --overwrite_output_dir removes it all, so that no file
 # of the old run is taken for the new one's (its training_args.json would make the new run's resume look foreign).
 RUN_OUTPUTS = (
-    *RUN_MARKERS, "unet", "scheduler", "pipeline_facediff.py", "scheduling_facediff.py", "README.md",
+    *RUN_MARKERS, "unet", "scheduler", "pipeline_facediff.py", *SIBLING_MODULES, "README.md",
     "sample_grid.png", "samples", "eval_log.jsonl", "eval_curve.png", "best_eval.safetensors",
 )  # fmt: skip
 

@@ -17,6 +17,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from .scheduling_facediff import FaceDiffScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+# The modules saved beside this one, as remote code: its scheduler, and the editing pipelines built from the same
+# unet and scheduler, which load from the saved folder with `custom_pipeline=`.
+SIBLING_MODULES = (
+    "scheduling_facediff.py",
+    "image_io_facediff.py",
+    "pipeline_facediff_inpaint.py",
+    "pipeline_facediff_img2img.py",
+    "pipeline_facediff_interpolate.py",
+)
 # What save_pretrained(..., push_to_hub=True) passes on to push_to_hub.
 HUB_UPLOAD_KWARGS = ("repo_id", "commit_message", "private", "token", "create_pr")
 
@@ -118,9 +127,9 @@ class FaceDiffPipeline(DiffusionPipeline):
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         """
-        Save as [`~DiffusionPipeline.save_pretrained`] does, with this module and its scheduler's beside the
-        weights as remote code, so that the folder loads with `trust_remote_code=True` where facediff is not
-        installed.
+        Save as [`~DiffusionPipeline.save_pretrained`] does, with this module, its scheduler's and the editing
+        pipelines' beside the weights as remote code, so that the folder loads with `trust_remote_code=True` where
+        facediff is not installed.
 
         Args:
             save_directory (`str` or `os.PathLike`):
@@ -134,10 +143,13 @@ class FaceDiffPipeline(DiffusionPipeline):
         super().save_pretrained(save_directory, **kwargs)
         folder, source = Path(save_directory), Path(__file__)
         scheduler_source = source.with_name("scheduling_facediff.py")
-        # Beside the pipeline for its relative import; for our scheduler, also in scheduler/, where diffusers looks
-        # for a component's own code. A diffusers scheduler keeps the entry diffusers wrote for it.
-        shutil.copyfile(source, folder / source.name)
-        shutil.copyfile(scheduler_source, folder / scheduler_source.name)
+        # Beside the pipeline for the relative imports; for our scheduler, also in scheduler/, where diffusers looks
+        # for a component's own code. A diffusers scheduler keeps the entry diffusers wrote for it. Run as remote
+        # code, this module has beside it only the modules that diffusers copied for what was loaded: the editing
+        # pipelines go along when they are there.
+        for name in (source.name, *SIBLING_MODULES):
+            if source.with_name(name).is_file():
+                shutil.copyfile(source.with_name(name), folder / name)
         index = json.loads((folder / "model_index.json").read_text())
         index["_class_name"] = [source.stem, FaceDiffPipeline.__name__]
         if index["scheduler"][-1] == FaceDiffScheduler.__name__:

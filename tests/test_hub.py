@@ -72,8 +72,12 @@ def test_training_pushes_exactly_the_pipeline_and_it_loads_back(tmp_path, fake_h
     assert repo_id == "someone/faces" and message == "Upload facediff pipeline"
     assert files == [
         "README.md",
+        "image_io_facediff.py",
         "model_index.json",
         "pipeline_facediff.py",
+        "pipeline_facediff_img2img.py",
+        "pipeline_facediff_inpaint.py",
+        "pipeline_facediff_interpolate.py",
         "sample_grid.png",
         "scheduler/scheduler_config.json",
         "scheduler/scheduling_facediff.py",

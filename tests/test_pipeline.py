@@ -1,5 +1,6 @@
 """FaceDiffPipeline: sampling, output types, saving and every way of loading it back."""
 
+import itertools
 import json
 import os
 import re
@@ -15,7 +16,13 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from PIL import Image
 
-from facediff import FaceDiffPipeline, FaceDiffScheduler
+from facediff import (
+    FaceDiffImg2ImgPipeline,
+    FaceDiffInpaintPipeline,
+    FaceDiffInterpolationPipeline,
+    FaceDiffPipeline,
+    FaceDiffScheduler,
+)
 
 from .conftest import folder_state, lay_out_as_hub_cache, tiny_unet
 
@@ -96,8 +103,12 @@ def test_save_and_load_round_trip(gray_pipeline, tmp_path):
     gray_pipeline.save_pretrained(tmp_path / "model")
     files = sorted(str(path.relative_to(tmp_path / "model")) for path in (tmp_path / "model").rglob("*"))
     assert files == [
+        "image_io_facediff.py",
         "model_index.json",
         "pipeline_facediff.py",
+        "pipeline_facediff_img2img.py",
+        "pipeline_facediff_inpaint.py",
+        "pipeline_facediff_interpolate.py",
         "scheduler",
         "scheduler/scheduler_config.json",
         "scheduler/scheduling_facediff.py",
@@ -120,7 +131,8 @@ def test_saved_remote_code_is_the_package_source(gray_pipeline, tmp_path):
     pipeline_source = open(pipeline_module.__file__).read()
     scheduler_source = open(scheduler_module.__file__).read()
     assert (tmp_path / "pipeline_facediff.py").read_text() == pipeline_source
-    assert (tmp_path / "scheduling_facediff.py").read_text() == scheduler_source
+    for name in pipeline_module.SIBLING_MODULES:
+        assert (tmp_path / name).read_text() == Path(pipeline_module.__file__).with_name(name).read_text()
     assert (tmp_path / "scheduler" / "scheduling_facediff.py").read_text() == scheduler_source
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_facediff", "FaceDiffPipeline"]
@@ -247,7 +259,25 @@ def test_loads_a_hub_repo_id_from_the_hub_cache(gray_pipeline, tmp_path):
     np.testing.assert_array_equal(sample(loaded), sample(gray_pipeline))
 
 
-REMOTE_LOAD = textwrap.dedent(
+# Each editing pipeline's call in the remote-code test, on a fixed image and mask (the model is 16x16 gray).
+EDITING_CALLS_SOURCE = """
+import torch
+IMAGE = torch.linspace(0, 1, 256).reshape(1, 1, 16, 16)
+MASK = torch.zeros(1, 1, 16, 16)
+MASK[..., 4:8, 4:12] = 1
+EDITING_CALLS = {
+    "pipeline_facediff_inpaint": lambda pipeline: pipeline(image=IMAGE, mask_image=MASK, num_inference_steps=4,
+        jump_n_sample=2, generator=torch.Generator().manual_seed(0), output_type="np"),
+    "pipeline_facediff_img2img": lambda pipeline: pipeline(image=IMAGE, strength=0.5, num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0), output_type="np"),
+    "pipeline_facediff_interpolate": lambda pipeline: pipeline(num_frames=3, num_inference_steps=4,
+        generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)], output_type="np"),
+}
+"""
+EDITING_CALLS = {}
+exec(EDITING_CALLS_SOURCE)  # defines EDITING_CALLS here too, for the installed pipelines' side of the test
+
+REMOTE_LOAD = EDITING_CALLS_SOURCE + textwrap.dedent(
     """
     import json, sys
     sys.modules["facediff"] = None  # any `import facediff` now fails, as where it is not installed
@@ -266,6 +296,11 @@ REMOTE_LOAD = textwrap.dedent(
         generator = torch.Generator().manual_seed(0)
         images = pipeline(batch_size=2, generator=generator, num_inference_steps=8, output_type="np")
         np.save(f"{name}.npy", images.images)
+        if name in json.loads(sys.argv[2]):  # and the editing pipelines the folder carries, on EDITING_CALLS' inputs
+            for module, call in EDITING_CALLS.items():
+                editing = DiffusionPipeline.from_pretrained(model, custom_pipeline=module, trust_remote_code=True)
+                classes[f"{name} {module}"] = type(editing).__name__
+                np.save(f"{name}-{module}.npy", call(editing).images)
         # The next model's remote code is imported afresh, as in a process of its own.
         for module in [module for module in sys.modules if module.startswith("diffusers_modules")]:
             del sys.modules[module]
@@ -300,7 +335,7 @@ def loaded_without_facediff(tmp_path_factory) -> dict[str, RemoteLoad]:
     script = root / "remote_load.py"
     script.write_text(REMOTE_LOAD)
     result = subprocess.run(
-        [sys.executable, str(script), json.dumps(models)],
+        [sys.executable, str(script), json.dumps(models), json.dumps(["folder", "hub"])],
         cwd=root,
         env={
             **os.environ,
@@ -314,11 +349,15 @@ def loaded_without_facediff(tmp_path_factory) -> dict[str, RemoteLoad]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     classes = json.loads(result.stdout.splitlines()[-1])
-    return {
+    loads = {
         "folder": RemoteLoad(pipeline, root / "model", classes["folder"], np.load(root / "folder.npy")),
         "hub": RemoteLoad(pipeline, root / "model", classes["hub"], np.load(root / "hub.npy")),
         "ddim": RemoteLoad(ddim_pipeline, root / "ddim-model", classes["ddim"], np.load(root / "ddim.npy")),
     }
+    for name, module in itertools.product(("folder", "hub"), EDITING_CALLS):
+        remote = np.load(root / f"{name}-{module}.npy")
+        loads[f"{name} {module}"] = RemoteLoad(pipeline, root / "model", classes[f"{name} {module}"], remote)
+    return loads
 
 
 def test_plain_diffusers_loads_the_folder_as_remote_code_without_facediff(loaded_without_facediff):
@@ -331,6 +370,25 @@ def test_plain_diffusers_loads_a_hub_repo_id_as_remote_code_without_facediff(loa
     hub = loaded_without_facediff["hub"]
     assert hub.classes == "FaceDiffPipeline FaceDiffScheduler"
     np.testing.assert_array_equal(hub.images, sample(hub.pipeline))
+
+
+@pytest.mark.parametrize("location", ["folder", "hub"])
+@pytest.mark.parametrize(
+    "module, installed_class",
+    [
+        ("pipeline_facediff_inpaint", FaceDiffInpaintPipeline),
+        ("pipeline_facediff_img2img", FaceDiffImg2ImgPipeline),
+        ("pipeline_facediff_interpolate", FaceDiffInterpolationPipeline),
+    ],
+)
+def test_plain_diffusers_loads_the_editing_pipelines_as_remote_code_without_facediff(
+    loaded_without_facediff, location, module, installed_class
+):
+    remote = loaded_without_facediff[f"{location} {module}"]
+    assert remote.classes == installed_class.__name__
+    installed = installed_class.from_pipe(remote.pipeline)
+    installed.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(remote.images, EDITING_CALLS[module](installed).images)
 
 
 def test_a_swapped_in_diffusers_scheduler_saves_and_loads_as_itself(loaded_without_facediff):
