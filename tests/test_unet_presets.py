@@ -43,8 +43,9 @@ def test_base_at_32_is_the_ddpm_cifar_model():
 
 @pytest.mark.parametrize("resolution", [16, 24, 32, 48, 64, 96, 128, 160, 256])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_small_preset_maps_images_to_same_shape(resolution, channels):
-    unet = build_unet("small", resolution, channels)
+@pytest.mark.parametrize("preset", ["small", "narrow"])
+def test_cpu_presets_map_images_to_same_shape(preset, resolution, channels):
+    unet = build_unet(preset, resolution, channels)
     x = torch.randn(2, channels, resolution, resolution)
     with torch.no_grad():
         out = unet(x, torch.tensor([0, 999])).sample
@@ -54,7 +55,7 @@ def test_small_preset_maps_images_to_same_shape(resolution, channels):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"preset": "huge"}, "Unknown UNet preset 'huge'; choose one of small, base"),
+        ({"preset": "huge"}, "Unknown UNet preset 'huge'; choose one of small, narrow, base"),
         ({"channels": 4}, "channels must be 1"),
         ({"resolution": 8}, "between 16 and 256"),
         ({"resolution": 512}, "between 16 and 256"),
