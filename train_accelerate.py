@@ -1,6 +1,7 @@
 """Train a facediff DDPM: `accelerate launch train_accelerate.py [flags | config.yaml]`.
 
-With no arguments, trains the `small` preset on scikit-learn's bundled handwritten digits. `--help` lists the flags.
+With no arguments, trains the main job: the `narrow` preset on scikit-learn's bundled handwritten digits. `--help`
+lists the flags.
 """
 
 import math

@@ -106,7 +106,7 @@ def training_variants(unet, dtype: torch.dtype, batch_size: int, device: torch.d
     autocast = dtype != torch.float32
     stock_scheduler = DDPMScheduler(num_train_timesteps=1000)
     facediff_scheduler = FaceDiffScheduler()
-    args = TrainingArguments(output_dir="unused")
+    args = TrainingArguments(output_dir="unused", snr_gamma=0.0)
 
     def stock_loss(model):
         clean = pixels.float() / 127.5 - 1

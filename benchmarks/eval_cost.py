@@ -44,7 +44,7 @@ def main():
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, foreach=True)
     pixels = torch.randint(0, 256, (args.batch_size, *shape), dtype=torch.uint8)
-    training_args = TrainingArguments(output_dir="unused")
+    training_args = TrainingArguments(output_dir="unused", snr_gamma=0.0)
 
     def fit():
         return SampleEvaluator(reference, inception=None)

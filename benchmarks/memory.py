@@ -41,7 +41,7 @@ def measure(task: str, preset: str, resolution: int, channels: int, batch_size: 
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
         ema = EMAModel(unet.parameters())
         pixels = torch.randint(0, 256, (batch_size, channels, resolution, resolution), dtype=torch.uint8)
-        args = TrainingArguments(output_dir="unused")
+        args = TrainingArguments(output_dir="unused", snr_gamma=0.0)
         model_mb = peak_rss_mb()
         loss = _diffusion_loss(unet, scheduler, pixels, args)
         loss.backward()

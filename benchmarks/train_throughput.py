@@ -57,7 +57,7 @@ def run_variant(variant: str, preset: str, resolution: int, channels: int, batch
             return F.mse_loss(prediction.float(), noise.float())
     else:
         scheduler = FaceDiffScheduler()
-        args = TrainingArguments(output_dir="unused")
+        args = TrainingArguments(output_dir="unused", snr_gamma=0.0)
 
         def loss_fn():
             # As Accelerate runs a --mixed_precision bf16 step: the forward pass under autocast, the weights float32.

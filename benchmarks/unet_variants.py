@@ -54,7 +54,7 @@ def step_seconds(config: dict, bf16: bool) -> float:
     torch.manual_seed(0)
     unet = UNet2DModel(**config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    scheduler, args = FaceDiffScheduler(), TrainingArguments(output_dir="unused")
+    scheduler, args = FaceDiffScheduler(), TrainingArguments(output_dir="unused", snr_gamma=0.0)
     pixels = torch.randint(0, 256, (32, 1, 32, 32), dtype=torch.uint8)
 
     def step():

@@ -171,7 +171,9 @@ def refuse_a_different_run(args: TrainingArguments, output_dir: Path, channels: 
 
 def _in_effect(saved: dict, detected_channels: int | None) -> dict:
     """Runs saved before the values in effect were kept have None for a resolution or channel count left to its
-    default: resolve them as that run did."""
+    default, and runs saved before `--snr_gamma 0` have None for the unweighted loss: resolve them as that run did."""
+    if saved.get("snr_gamma", 0.0) is None:
+        saved = {**saved, "snr_gamma": 0.0}
     if "resolution" in saved and saved["resolution"] is None:
         saved = {**saved, "resolution": default_resolution(saved.get("dataset_name"), saved.get("train_data_dir"))}
     if "num_channels" in saved and saved["num_channels"] is None and detected_channels is not None:

@@ -395,7 +395,7 @@ def _diffusion_loss(unet, scheduler: FaceDiffScheduler, pixels: torch.Tensor, ar
     if args.learns_variance:
         prediction, variance_output = prediction.chunk(2, dim=1)
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if args.snr_gamma is not None:
+    if args.snr_gamma:
         snr = compute_snr(scheduler, timesteps)
         clipped = torch.clamp(snr, max=args.snr_gamma)
         weights = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}

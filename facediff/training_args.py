@@ -23,6 +23,11 @@ LR_SCHEDULES = tuple(schedule.value for schedule in SchedulerType if schedule !=
 # The schedules that need no run length, so that a run bounded by --max_train_minutes alone can use them.
 CONSTANT_SCHEDULES = (SchedulerType.CONSTANT.value, SchedulerType.CONSTANT_WITH_WARMUP.value)
 UNET_DEFAULT_DOWN_BLOCKS = inspect.signature(UNet2DModel.__init__).parameters["down_block_types"].default
+# What a run trains with where no flag says: the built-in digits (the main job) have a recipe of their own, measured
+# in docs/recipes.md (the digits main job); other data start from the DDPM paper's rate and the document's loss.
+MAIN_JOB_DEFAULTS = {"model_preset": "narrow", "train_batch_size": 32, "learning_rate": 1e-3, "snr_gamma": 5.0}
+DEFAULTS = {"model_preset": "small", "train_batch_size": 64, "learning_rate": 2e-4, "snr_gamma": 0.0}
+MAIN_JOB_STEPS = 2850
 
 
 def _help(text: str, **kwargs):
@@ -69,7 +74,10 @@ class TrainingArguments:
     cache_dir: str | None = _help("Where `datasets` caches downloads and the preprocessed images.", default=None)
 
     # Model and diffusion
-    model_preset: str = _help(f"UNet preset: {', '.join(UNET_PRESETS)}.", default="small")
+    model_preset: str | None = _help(
+        f"UNet preset: {', '.join(UNET_PRESETS)}; default: narrow for the built-in digits (the main job), else small.",
+        default=None,
+    )
     model_config_name_or_path: str | None = _help(
         "A UNet2DModel config.json (or a folder holding one) to train from scratch instead of a preset.", default=None
     )
@@ -87,7 +95,11 @@ class TrainingArguments:
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = _help(
         "What the UNet learns to predict.", default="epsilon"
     )
-    snr_gamma: float | None = _help("Min-SNR loss weighting gamma (Hang et al. 2023); 5.0 is typical.", default=None)
+    snr_gamma: float | None = _help(
+        "Min-SNR loss weighting gamma (Hang et al. 2023; 5.0 is typical); 0 turns it off: the document's unweighted "
+        "loss. Default: 5 for the built-in digits (the main job), else off.",
+        default=None,
+    )
     variance_type: Literal["fixed_large", "fixed_small", "learned_range"] | None = _help(
         "The reverse step's variance: fixed_large (the document's beta_t), fixed_small (the posterior's), or "
         "learned_range, learned by the UNet with Improved DDPM's hybrid loss (twice the output channels); "
@@ -99,12 +111,14 @@ class TrainingArguments:
     output_dir: str = _help("Where the pipeline, checkpoints, samples and logs go.", default="facediff-output")
     overwrite_output_dir: bool = _help("Train into an output_dir that holds another run.", default=False)
     seed: int = _help("Seed for weights, data order, noise and sample grids.", default=0)
-    train_batch_size: int = _help(
-        "Global batch size: images per optimizer step before accumulation, split between the processes.", default=64
+    train_batch_size: int | None = _help(
+        "Global batch size: images per optimizer step before accumulation, split between the processes; default: 32 "
+        "for the built-in digits (the main job), else 64.",
+        default=None,
     )
     num_epochs: int | None = _help(
-        "Passes over the data (ignored when --max_train_steps is given); default: 100, or 1,200 steps on the "
-        "built-in digits.",
+        "Passes over the data (ignored when --max_train_steps is given); default: 100, or 2,850 steps on the "
+        "built-in digits (the main job).",
         default=None,
     )
     max_train_steps: int | None = _help("Optimizer steps to train; overrides --num_epochs.", default=None)
@@ -116,7 +130,9 @@ class TrainingArguments:
         default=None,
     )
     gradient_accumulation_steps: int = _help("Batches accumulated per optimizer step.", default=1)
-    learning_rate: float = _help("Peak learning rate.", default=2e-4)
+    learning_rate: float | None = _help(
+        "Peak learning rate; default: 1e-3 for the built-in digits (the main job), else 2e-4.", default=None
+    )
     lr_scheduler: str = _help(
         "diffusers.optimization schedule: constant, constant_with_warmup, linear, cosine, ...", default="cosine"
     )
@@ -198,6 +214,9 @@ class TrainingArguments:
     local_rank: int = _help("Set by launchers; Accelerate reads the process's rank from LOCAL_RANK itself.", default=-1)
 
     def __post_init__(self):
+        for name, value in (MAIN_JOB_DEFAULTS if self.uses_builtin_digits else DEFAULTS).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.hub_token is not None:
             raise ValueError(
                 "--hub_token is refused: a token on the command line lands in the shell history and in this run's "
@@ -253,6 +272,8 @@ class TrainingArguments:
             )
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
+        if self.snr_gamma < 0:
+            raise ValueError(f"--snr_gamma must be positive, or 0 for the unweighted loss; got {self.snr_gamma}.")
         if self.lr_scheduler not in LR_SCHEDULES:
             raise ValueError(f"--lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULES)}.")
         if self.pretrained_model_name_or_path is not None and self.variance_type == "learned_range":
@@ -329,7 +350,7 @@ class TrainingArguments:
         if self.num_epochs is None and self.max_train_minutes is not None:
             return None
         if self.num_epochs is None and self.uses_builtin_digits:
-            return 1200
+            return MAIN_JOB_STEPS
         return (self.num_epochs or 100) * steps_per_epoch
 
     def in_effect(self, channels: int) -> "TrainingArguments":

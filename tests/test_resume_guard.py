@@ -105,6 +105,18 @@ def test_the_same_data_spelt_another_way_is_the_same_run(run, monkeypatch):
     assert resume(run, "--train_data_dir", f"./{FACES.name}/", "--max_train_steps", "3").global_step == 3
 
 
+def test_a_run_saved_before_snr_gamma_0_resumes_with_the_unweighted_loss(run):
+    # Earlier versions saved null for the document's unweighted loss, which is 0 now.
+    state = run / "checkpoint-2" / "facediff_state.json"
+    for path, key in ((run / "training_args.json", None), (state, "training_args")):
+        saved = json.loads(path.read_text())
+        (saved[key] if key else saved)["snr_gamma"] = None
+        path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"--snr_gamma 5.0 \(saved: 0.0\)"):
+        resume(run, "--snr_gamma", "5")
+    assert resume(run).global_step == 4
+
+
 def test_settings_free_to_change_on_resume_are_accepted(run):
     saved = json.loads((run / "checkpoint-2" / "facediff_state.json").read_text())
     assert saved["global_step"] == 2 and saved["training_args"]["train_data_dir"] == str(FACES)

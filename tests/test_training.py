@@ -28,6 +28,7 @@ from .conftest import (
     inf_gradients_for,
     record_batches,
     tiny_run,
+    tiny_unet,
 )
 
 
@@ -69,6 +70,55 @@ def test_trains_on_the_builtin_digits_by_default(tmp_path):
     assert args.uses_builtin_digits
     train(args)
     assert "handwritten digits" in (tmp_path / "digits" / "README.md").read_text()
+
+
+def test_the_builtin_digits_default_to_the_main_job_recipe_and_flags_win():
+    digits = parse_training_arguments([])
+    assert (digits.model_preset, digits.train_batch_size, digits.learning_rate, digits.snr_gamma) == (
+        "narrow",
+        32,
+        1e-3,
+        5.0,
+    )
+    assert digits.total_train_steps(steps_per_epoch=57) == 2850
+    folder = parse_training_arguments(["--train_data_dir", str(FACES)])
+    assert (folder.model_preset, folder.train_batch_size, folder.learning_rate, folder.snr_gamma) == (
+        "small",
+        64,
+        2e-4,
+        0.0,
+    )
+    spelt_out = parse_training_arguments(["--model_preset", "small", "--learning_rate", "3e-4", "--snr_gamma", "0"])
+    assert (spelt_out.model_preset, spelt_out.learning_rate, spelt_out.snr_gamma) == ("small", 3e-4, 0.0)
+    assert replace(digits).snr_gamma == 5.0 and replace(spelt_out).snr_gamma == 0.0  # resolved once, kept as saved
+
+
+def test_snr_gamma_0_is_the_unweighted_loss_of_diffusers_ddpm():
+    """`--snr_gamma 0` trains the document's plain noise-prediction MSE, recomputed here with diffusers' scheduler."""
+    from diffusers import DDPMScheduler
+
+    from facediff import FaceDiffScheduler
+    from facediff.training import _diffusion_loss
+
+    unet = tiny_unet(1)
+    pixels = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8)
+    torch.manual_seed(0)
+    loss = _diffusion_loss(unet, FaceDiffScheduler(), pixels, parse_training_arguments(["--snr_gamma", "0"]))
+    torch.manual_seed(0)
+    clean = pixels.float() / 127.5 - 1
+    noise = torch.randn_like(clean)
+    timesteps = torch.randint(0, 1000, (64,))
+    noisy = DDPMScheduler(num_train_timesteps=1000).add_noise(clean, noise, timesteps)
+    expected = torch.nn.functional.mse_loss(unet(noisy, timesteps).sample, noise)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    weighted = _diffusion_loss(unet, FaceDiffScheduler(), pixels, parse_training_arguments([]))
+    assert weighted < loss  # the digits' default, min-SNR 5, weighs the low-noise steps down
+
+
+def test_a_negative_snr_gamma_is_refused():
+    with pytest.raises(ValueError, match=r"--snr_gamma must be positive, or 0 for the unweighted loss; got -1.0"):
+        parse_training_arguments(["--snr_gamma", "-1"])
 
 
 class Interrupted(Exception):
