@@ -73,23 +73,15 @@ def test_trains_on_the_builtin_digits_by_default(tmp_path):
 
 
 def test_the_builtin_digits_default_to_the_main_job_recipe_and_flags_win():
+    def defaults(args):
+        return args.model_preset, args.train_batch_size, args.learning_rate, args.snr_gamma
+
     digits = parse_training_arguments([])
-    assert (digits.model_preset, digits.train_batch_size, digits.learning_rate, digits.snr_gamma) == (
-        "narrow",
-        32,
-        1e-3,
-        5.0,
-    )
+    assert defaults(digits) == ("narrow", 32, 1e-3, 5.0)
     assert digits.total_train_steps(steps_per_epoch=57) == 2850
-    folder = parse_training_arguments(["--train_data_dir", str(FACES)])
-    assert (folder.model_preset, folder.train_batch_size, folder.learning_rate, folder.snr_gamma) == (
-        "small",
-        64,
-        2e-4,
-        0.0,
-    )
+    assert defaults(parse_training_arguments(["--train_data_dir", str(FACES)])) == ("small", 64, 2e-4, 0.0)
     spelt_out = parse_training_arguments(["--model_preset", "small", "--learning_rate", "3e-4", "--snr_gamma", "0"])
-    assert (spelt_out.model_preset, spelt_out.learning_rate, spelt_out.snr_gamma) == ("small", 3e-4, 0.0)
+    assert defaults(spelt_out) == ("small", 32, 3e-4, 0.0)
     assert replace(digits).snr_gamma == 5.0 and replace(spelt_out).snr_gamma == 0.0  # resolved once, kept as saved
 
 
