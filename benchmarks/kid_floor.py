@@ -21,14 +21,15 @@ from model_flags import describe_cpu
 
 from facediff import data
 from facediff.evaluation import SampleEvaluator
+from facediff.training_evaluation import training_reference
 
 
 def training_pixels(train_data_dir: str, resolution: int) -> torch.Tensor:
-    """The training images as training reads them: uint8 (N, C, H, W)."""
+    """The training images as a seed-0 run's evaluations compare with them: uint8 (N, C, H, W), at most
+    `MAX_REFERENCE_IMAGES` (a seeded subset of a larger set)."""
     source = data.ImageSource(location=train_data_dir, is_image_folder=True, resolution=resolution)
     raw, column = data.load_raw_dataset(source)
-    pixels = data.preprocess_images(raw, column, source, data.detect_channels(raw, column))[:][data.PIXELS]
-    return pixels.to(torch.uint8)
+    return training_reference(data.preprocess_images(raw, column, source, data.detect_channels(raw, column)), seed=0)
 
 
 def floors(pixels: torch.Tensor, num_images: int, repeats: int) -> dict[str, dict[str, tuple[float, float]]]:

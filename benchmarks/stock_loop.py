@@ -8,8 +8,9 @@ defaults for the rest, batch 32, random flips, an EMAModel (train_unconditional.
 max decay 0.9999) and DDPMPipeline to sample. It trains on the images facediff's data layer prepares (the same
 pixels as a recipe's run), on all of this machine's cores. At each mark of training time (the clock stops while it
 evaluates), the EMA weights draw --num-images images at --steps respaced steps from a fixed seed, scored as
-facediff's `--eval_steps` scores them (pixel-PCA FD and KID against the training images, memorised share); one JSON
-line per mark, after a first line with the floor: the pixel-PCA KID of 10 random subsets of as many real images.
+facediff's `--eval_steps` scores them (pixel-PCA FD and KID against the training images, at most 2,000 of them as a
+seed-0 run draws them; memorised share); one JSON line per mark, after a first line with the floor: the pixel-PCA
+KID of 10 random subsets of as many real images.
 The first 16 samples of each mark go to a grid, OUT-<minutes>min.png beside OUT.
 """
 
@@ -28,6 +29,7 @@ from model_flags import describe_cpu
 from facediff import build_unet, data
 from facediff.evaluation import SampleEvaluator
 from facediff.sample_grids import save_grid
+from facediff.training_evaluation import training_reference
 
 
 def evaluate(unet, ema, evaluator, num_images: int, steps: int, seed: int, grid_path: Path) -> dict:
@@ -64,11 +66,13 @@ def main():
     source = data.ImageSource(location=args.train_data_dir, is_image_folder=True, resolution=args.resolution)
     raw, column = data.load_raw_dataset(source)
     channels = data.detect_channels(raw, column)
-    pixels = data.preprocess_images(raw, column, source, channels)[:][data.PIXELS].to(torch.uint8)
-    evaluator = SampleEvaluator(pixels)
+    train_dataset = data.preprocess_images(raw, column, source, channels)
+    pixels = train_dataset[:][data.PIXELS].to(torch.uint8)
+    reference = training_reference(train_dataset, seed=0)  # the images a seed-0 recipe run evaluates against
+    evaluator = SampleEvaluator(reference)
     rng = np.random.default_rng(args.seed)
     floor = [
-        evaluator.score(pixels[rng.choice(len(pixels), args.num_images, replace=False)])["pixel_pca_kid_mean"]
+        evaluator.score(reference[rng.choice(len(reference), args.num_images, replace=False)])["pixel_pca_kid_mean"]
         for _ in range(10)
     ]
     out = Path(args.out)
