@@ -25,9 +25,9 @@ CONSTANT_SCHEDULES = (SchedulerType.CONSTANT.value, SchedulerType.CONSTANT_WITH_
 UNET_DEFAULT_DOWN_BLOCKS = inspect.signature(UNet2DModel.__init__).parameters["down_block_types"].default
 # What a run trains with where no flag says: the built-in digits (the main job) have a recipe of their own, measured
 # in docs/recipes.md (the digits main job); other data start from the DDPM paper's rate and the document's loss.
-MAIN_JOB_DEFAULTS = {"model_preset": "narrow", "train_batch_size": 32, "learning_rate": 1e-3, "snr_gamma": 5.0}
+MAIN_JOB_DEFAULTS = {"model_preset": "tiny", "train_batch_size": 32, "learning_rate": 1e-3, "snr_gamma": 5.0}
 DEFAULTS = {"model_preset": "small", "train_batch_size": 64, "learning_rate": 2e-4, "snr_gamma": 0.0}
-MAIN_JOB_STEPS = 2850
+MAIN_JOB_STEPS = 3900
 
 
 def _help(text: str, **kwargs):
@@ -75,7 +75,7 @@ class TrainingArguments:
 
     # Model and diffusion
     model_preset: str | None = _help(
-        f"UNet preset: {', '.join(UNET_PRESETS)}; default: narrow for the built-in digits (the main job), else small.",
+        f"UNet preset: {', '.join(UNET_PRESETS)}; default: tiny for the built-in digits (the main job), else small.",
         default=None,
     )
     model_config_name_or_path: str | None = _help(
@@ -117,7 +117,7 @@ class TrainingArguments:
         default=None,
     )
     num_epochs: int | None = _help(
-        "Passes over the data (ignored when --max_train_steps is given); default: 100, or 2,850 steps on the "
+        "Passes over the data (ignored when --max_train_steps is given); default: 100, or 3,900 steps on the "
         "built-in digits (the main job).",
         default=None,
     )

@@ -5,7 +5,9 @@ level, self-attention at 16x16 (at the level nearest it where the resolution nev
 32x32 it is the 35.7M-parameter CIFAR-10 model. `small` keeps the layout at a quarter of the width, one block per
 level and attention only in the middle block, so it trains on a laptop CPU; `narrow` is `small` at three quarters
 of that width, for short runs on CPUs without native bfloat16. The channel multipliers per resolution are those of
-DDPM (32, 256) and improved DDPM (64, 128).
+DDPM (32, 256) and improved DDPM (64, 128). `tiny` has three levels of 16, 32 and 48 channels whatever the
+resolution, and serves 16 and 32 px: the built-in digits' 8x8 images upscaled to 16 px carry little detail at full
+resolution, so the width goes to the lower levels and the steps per minute up.
 
 Parameters and forward GFLOPs (one image, multiply-add counted as 2 FLOPs), from `python benchmarks/unet_presets.py`:
 
@@ -21,6 +23,7 @@ Parameters and forward GFLOPs (one image, multiply-add counted as 2 FLOPs), from
 | narrow | 32         | 1        | 0.83M      | 0.274          |
 | narrow | 32         | 3        | 0.83M      | 0.276          |
 | narrow | 64         | 3        | 1.96M      | 1.42           |
+| tiny   | 16         | 1        | 0.43M      | 0.0370         |
 | base   | 32         | 3        | 35.75M     | 12.1           |
 | base   | 64         | 3        | 82.96M     | 59.4           |
 | base   | 256        | 3        | 113.67M    | 496            |
@@ -45,13 +48,15 @@ CHANNEL_MULTIPLIERS = (
 
 @dataclass(frozen=True)
 class UNetPreset:
-    """The width and depth of a preset; its levels follow the resolution."""
+    """The width and depth of a preset; its levels follow the resolution unless it fixes its own."""
 
     base_channels: int
     layers_per_block: int
     attention_resolution: int | None
     dropout: float
     norm_num_groups: int
+    channel_multipliers: tuple[int, ...] | None = None
+    max_resolution: int = MAX_RESOLUTION
 
 
 UNET_PRESETS = {
@@ -62,6 +67,16 @@ UNET_PRESETS = {
     # with no native bfloat16), which is what a short run there lacks most (docs/recipes.md).
     "narrow": UNetPreset(
         base_channels=24, layers_per_block=1, attention_resolution=None, dropout=0.0, norm_num_groups=8
+    ),
+    # Three levels at any resolution (docs/recipes.md, the digits main job).
+    "tiny": UNetPreset(
+        base_channels=16,
+        layers_per_block=1,
+        attention_resolution=None,
+        dropout=0.0,
+        norm_num_groups=8,
+        channel_multipliers=(1, 2, 3),
+        max_resolution=32,
     ),
     "base": UNetPreset(base_channels=128, layers_per_block=2, attention_resolution=16, dropout=0.1, norm_num_groups=32),
 }
@@ -91,7 +106,15 @@ def unet_config(preset: str = "small", resolution: int = 32, channels: int = 3) 
             f"resolution must be between {MIN_RESOLUTION} and {MAX_RESOLUTION} pixels, got {resolution}: "
             "resize the images (--resolution) to a supported size."
         )
-    multipliers = next(mults for largest, mults in CHANNEL_MULTIPLIERS if resolution <= largest)
+    spec = UNET_PRESETS[preset]
+    if resolution > spec.max_resolution:
+        raise ValueError(
+            f"the {preset!r} preset serves images of at most {spec.max_resolution} pixels, got {resolution}: "
+            "use narrow or small at this size."
+        )
+    multipliers = spec.channel_multipliers or next(
+        mults for largest, mults in CHANNEL_MULTIPLIERS if resolution <= largest
+    )
     downsampling = 2 ** (len(multipliers) - 1)
     if resolution % downsampling:
         lower = resolution - resolution % downsampling
@@ -101,7 +124,6 @@ def unet_config(preset: str = "small", resolution: int = 32, channels: int = 3) 
             f"at this size: use {' or '.join(map(str, candidates))}."
         )
 
-    spec = UNET_PRESETS[preset]
     feature_sizes = [resolution // 2**level for level in range(len(multipliers))]
     # At the level nearest the preset's attention size: 16x16 itself at power-of-two resolutions, 12x12 at 24, 48
     # or 96, which never reach 16x16.
@@ -169,6 +191,7 @@ PRESET_TABLE = (
     ("narrow", 32, 1),
     ("narrow", 32, 3),
     ("narrow", 64, 3),
+    ("tiny", 16, 1),
     ("base", 32, 3),
     ("base", 64, 3),
     ("base", 256, 3),

@@ -77,8 +77,8 @@ def test_the_builtin_digits_default_to_the_main_job_recipe_and_flags_win():
         return args.model_preset, args.train_batch_size, args.learning_rate, args.snr_gamma
 
     digits = parse_training_arguments([])
-    assert defaults(digits) == ("narrow", 32, 1e-3, 5.0)
-    assert digits.total_train_steps(steps_per_epoch=57) == 2850
+    assert defaults(digits) == ("tiny", 32, 1e-3, 5.0)
+    assert digits.total_train_steps(steps_per_epoch=57) == 3900
     assert defaults(parse_training_arguments(["--train_data_dir", str(FACES)])) == ("small", 64, 2e-4, 0.0)
     spelt_out = parse_training_arguments(["--model_preset", "small", "--learning_rate", "3e-4", "--snr_gamma", "0"])
     assert defaults(spelt_out) == ("small", 32, 3e-4, 0.0)

@@ -52,15 +52,27 @@ def test_cpu_presets_map_images_to_same_shape(preset, resolution, channels):
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("resolution", [16, 24, 32])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_tiny_has_three_levels_of_16_32_48_channels_at_each_size_it_serves(resolution, channels):
+    config = unet_config("tiny", resolution, channels)
+    assert config["block_out_channels"] == (16, 32, 48) and len(config["down_block_types"]) == 3
+    x = torch.randn(2, channels, resolution, resolution)
+    with torch.no_grad():
+        out = build_unet("tiny", resolution, channels)(x, torch.tensor([0, 999])).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"preset": "huge"}, "Unknown UNet preset 'huge'; choose one of small, narrow, base"),
+        ({"preset": "huge"}, "Unknown UNet preset 'huge'; choose one of small, narrow, tiny, base"),
         ({"channels": 4}, "channels must be 1"),
         ({"resolution": 8}, "between 16 and 256"),
         ({"resolution": 512}, "between 16 and 256"),
         ({"resolution": 200}, "resolution 200 is not divisible by 32.*use 192 or 224"),
         ({"resolution": 36}, "resolution 36 is not divisible by 8.*use 32 or 40"),
+        ({"preset": "tiny", "resolution": 64}, "'tiny' preset serves images of at most 32 pixels, got 64"),
     ],
 )
 def test_bad_preset_arguments_are_refused(kwargs, message):
