@@ -1,6 +1,6 @@
 """Train a facediff DDPM: `accelerate launch train_accelerate.py [flags | config.yaml]`.
 
-With no arguments, trains the main job: the `narrow` preset on scikit-learn's bundled handwritten digits. `--help`
+With no arguments, trains the main job: the `tiny` preset on scikit-learn's bundled handwritten digits. `--help`
 lists the flags.
 """
 
