@@ -7,7 +7,8 @@ Runs `stock_loop.py` (the plain diffusers loop) and then the recipe, `train_acce
 `--max_train_minutes` at the last mark and its evaluations (`--eval_steps`) made as the stock loop's: --num-images
 samples at --steps respaced steps, fixed seeds, EMA weights, scored against the training images. Both clocks count
 training only, not evaluating. Prints a markdown table (each loop at the last evaluation at or before each mark) and
-draws OUT/quality_vs_time.png, with the two floors of `kid_floor.py` (50 draws of as many real images); a stock.jsonl
+draws OUT/quality_vs_time.png, with the two floors of `kid_floor.py` (--floor-draws draws of as many real images; each
+refits the held-out floor's evaluator, about 25 s at 64x64 RGB on 2 cores, so use a few there); a stock.jsonl
 already in OUT with every mark is reused, and --replot trains nothing. Flags after `--` go to the recipe's run
 (`-- --mixed_precision no`).
 """
@@ -79,6 +80,9 @@ def main():
     parser.add_argument("--eval-steps", type=int, default=200, help="training steps between the recipe's evaluations")
     parser.add_argument("--out", required=True, help="a folder for both runs, the table's data and the plot")
     parser.add_argument("--replot", action="store_true", help="train nothing: table and plot from the runs in OUT")
+    parser.add_argument(
+        "--floor-draws", type=int, default=50, help="draws of real images for the floors (each refits the held-out one)"
+    )
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args, recipe_flags = parser.parse_args(argv[:split]), argv[split + 1 :]
@@ -110,7 +114,9 @@ def main():
     recipe = read_jsonl(recipe_dir / "eval_log.jsonl")
     real = {
         floor: scores["kid"]
-        for floor, scores in floors(training_pixels(args.train_data_dir, int(resolution)), args.num_images, 50).items()
+        for floor, scores in floors(
+            training_pixels(args.train_data_dir, int(resolution)), args.num_images, args.floor_draws
+        ).items()
     }
     name = Path(args.config).stem
     print(f"{describe_cpu()}; {args.num_images} samples at {args.steps} steps against the training images")
