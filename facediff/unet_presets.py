@@ -6,7 +6,7 @@ level, self-attention at 16x16 (at the level nearest it where the resolution nev
 level and attention only in the middle block, so it trains on a laptop CPU; `narrow` is `small` at three quarters
 of that width, for short runs on CPUs without native bfloat16. The channel multipliers per resolution are those of
 DDPM (32, 256) and improved DDPM (64, 128). `tiny` has three levels of 16, 32 and 48 channels whatever the
-resolution, and serves 16 and 32 px: the built-in digits' 8x8 images upscaled to 16 px carry little detail at full
+resolution, and serves 16 to 32 px: the built-in digits' 8x8 images upscaled to 16 px carry little detail at full
 resolution, so the width goes to the lower levels and the steps per minute up.
 
 Parameters and forward GFLOPs (one image, multiply-add counted as 2 FLOPs), from `python benchmarks/unet_presets.py`:
@@ -68,7 +68,7 @@ UNET_PRESETS = {
     "narrow": UNetPreset(
         base_channels=24, layers_per_block=1, attention_resolution=None, dropout=0.0, norm_num_groups=8
     ),
-    # Three levels at any resolution (docs/recipes.md, the digits main job).
+    # Three fixed levels for 16 to 32 px: the digits main job's UNet (docs/recipes.md).
     "tiny": UNetPreset(
         base_channels=16,
         layers_per_block=1,
