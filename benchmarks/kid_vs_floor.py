@@ -45,15 +45,17 @@ def main():
     parser.add_argument("--num-images", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--variance-type", choices=["fixed_large", "fixed_small"], default=None)
+    parser.add_argument(
+        "--clip-sample", action=argparse.BooleanOptionalAction, default=None, help="default: the saved scheduler's"
+    )
     args = parser.parse_args()
 
     dtype, reason = auto_dtype("cpu")
     pipelines = {model: FaceDiffPipeline.from_pretrained(model, torch_dtype=dtype) for model in args.models}
-    if args.variance_type is not None:
-        for pipeline in pipelines.values():
-            pipeline.scheduler = pipeline.scheduler.from_config(
-                pipeline.scheduler.config, variance_type=args.variance_type
-            )
+    flags = {"variance_type": args.variance_type, "clip_sample": args.clip_sample}
+    sampler = {name: value for name, value in flags.items() if value is not None}
+    for pipeline in pipelines.values():
+        pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, **sampler)
     resolution = next(iter(pipelines.values())).unet.config.sample_size
     pixels = training_pixels(args.train_data_dir, resolution)
     evaluator = SampleEvaluator(pixels, count_mirrored_copies=True)
@@ -62,7 +64,7 @@ def main():
         for steps in args.steps:
             rows.append((model, steps, score_sets(pipeline, evaluator, steps, args.sets, args.num_images, args.seed)))
 
-    print(f"{describe_cpu()}; sampled in {reason}")
+    print(f"{describe_cpu()}; sampled in {reason}, {sampler or 'each saved scheduler as it is'}")
     print(f"{args.sets} sets of {args.num_images} samples (seeds from {args.seed}), against {len(pixels)} images")
     print("| | steps | pixel-PCA KID, mean ± std over sets | per set | memorised (max) | high-frequency ratio |")
     print("|---|---:|---:|---|---:|---:|")

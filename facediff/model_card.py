@@ -321,7 +321,13 @@ def _sampler_description(scheduler) -> str:
         "learned": "the model's (learned)",
         "learned_range": "the model's, learned between the posterior's and sqrt(beta_t) (Improved DDPM)",
     }[config.variance_type]
-    return f"the DDPM reverse update with noise scale {noise}"
+    if config.thresholding:
+        x0_bound = ", x_0 dynamically thresholded"
+    elif config.clip_sample:
+        x0_bound = f", x_0 clipped to [-{config.clip_sample_range:g}, {config.clip_sample_range:g}]"
+    else:
+        x0_bound = ""
+    return f"the DDPM reverse update with noise scale {noise}{x0_bound}"
 
 
 def training_card_facts(args, accelerator, unet, scheduler, global_step, channels, num_images, wall_time) -> dict:

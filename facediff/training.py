@@ -146,8 +146,11 @@ def train(args: TrainingArguments) -> TrainingResult:
 
     if base is not None:
         unet, noise_scheduler = base.unet, base.scheduler
-        if args.variance_type is not None:  # sampled another way than the base; trained the same
-            noise_scheduler = FaceDiffScheduler.from_config(noise_scheduler.config, variance_type=args.variance_type)
+        # Sampled another way than the base where a flag says so; trained the same.
+        flags = {"variance_type": args.variance_type, "clip_sample": args.clip_sample}
+        sampling = {name: value for name, value in flags.items() if value is not None}
+        if sampling:
+            noise_scheduler = FaceDiffScheduler.from_config(noise_scheduler.config, **sampling)
         logger.info(f"Fine-tuning {args.pretrained_model_name_or_path} ({unet.num_parameters():,} parameters)")
     else:
         unet = _build_model(args, channels)
@@ -156,6 +159,7 @@ def train(args: TrainingArguments) -> TrainingResult:
             beta_schedule=args.ddpm_beta_schedule,
             prediction_type=args.prediction_type,
             variance_type=args.variance_type or "fixed_large",
+            clip_sample=bool(args.clip_sample),
         )
     optimizer = torch.optim.AdamW(
         unet.parameters(),

@@ -106,6 +106,18 @@ class TrainingArguments:
         "default: fixed_large, or the base's with --pretrained_model_name_or_path.",
         default=None,
     )
+    clip_sample: bool | None = field(
+        default=None,
+        # A bare --clip_sample means true, as for the other switches, while "not given" stays distinguishable.
+        metadata={
+            "help": "Clip each sampling step's x_0 prediction to [-1, 1], as diffusers' DDPMScheduler does by default "
+            "(the document's update does not clip). Saved in the pipeline's scheduler and used by the run's "
+            "evaluations and sample grids; training is unchanged. Default: off, or the base's with "
+            "--pretrained_model_name_or_path.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
 
     # Optimisation
     output_dir: str = _help("Where the pipeline, checkpoints, samples and logs go.", default="facediff-output")

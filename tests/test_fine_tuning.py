@@ -62,6 +62,13 @@ def test_fine_tuning_starts_from_a_diffusers_ddpm_pipeline_and_keeps_its_schedul
     assert not same_weights(scratch.unet, base.unet)
 
 
+def test_sampling_flags_change_the_bases_sampler_and_keep_its_schedule(ddpm_base, tmp_path):
+    flags = ["--train_data_dir", str(FACES), "--max_train_steps", "1", "--clip_sample", "false"]
+    train(parse_training_arguments(fine_tune(tmp_path / "tuned", ddpm_base, *flags, "--variance_type", "fixed_large")))
+    config = FaceDiffPipeline.from_pretrained(tmp_path / "tuned").scheduler.config
+    assert (config.beta_end, config.variance_type, config.clip_sample) == (0.012, "fixed_large", False)
+
+
 def test_fine_tuning_from_a_hub_repo_records_it_as_the_base_model(ddpm_base, tmp_path):
     cache = tmp_path / "hub-cache"
     lay_out_as_hub_cache(ddpm_base, cache, "someone/ddpm-faces")

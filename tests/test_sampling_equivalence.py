@@ -10,15 +10,21 @@ from facediff import FaceDiffPipeline, FaceDiffScheduler
 from .conftest import one_level_unet
 
 
-def test_full_chain_matches_diffusers_ddpm_pipeline():
-    # DDPMPipeline with fixed_large variance and no clipping runs the document's update; both draw x_T and every
-    # step's noise from the generator in the same order, so the images agree up to float rounding. Any UNet shows
-    # it, and the smallest keeps the 2 x 1000 calls fast.
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        {"variance_type": "fixed_large", "clip_sample": False},  # the document's update
+        {"variance_type": "fixed_small", "clip_sample": True},  # DDPMPipeline's defaults: x_0 clipped
+    ],
+)
+def test_full_chain_matches_diffusers_ddpm_pipeline(sampler):
+    # Both draw x_T and every step's noise from the generator in the same order, so the images agree up to float
+    # rounding. Any UNet shows it, and the smallest keeps the 1000-step calls fast; untrained, its x_0 predictions
+    # leave [-1, 1], so clipping changes the images.
     torch.manual_seed(0)
     unet = one_level_unet()
-    stock_scheduler = DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large", clip_sample=False)
-    stock = DDPMPipeline(unet=unet, scheduler=stock_scheduler)
-    ours = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler())
+    stock = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000, **sampler))
+    ours = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler(**sampler))
     stock.set_progress_bar_config(disable=True)
     ours.set_progress_bar_config(disable=True)
 
@@ -29,6 +35,10 @@ def test_full_chain_matches_diffusers_ddpm_pipeline():
     assert images.shape == expected.shape == (2, 8, 8, 1)
     assert abs(images - expected).max() < 2e-3
     assert abs(images - expected).mean() < 1e-4
+    if sampler["clip_sample"]:
+        ours.scheduler = FaceDiffScheduler.from_config(ours.scheduler.config, clip_sample=False)
+        unclipped = ours(batch_size=2, generator=torch.Generator().manual_seed(3), output_type="np").images
+        assert abs(unclipped - expected).max() > 0.05
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,15 @@ def train_until_the_first_checkpoint(monkeypatch, flags: list[str]) -> None:
     monkeypatch.setattr(training.checkpointing, "save_checkpoint", save_checkpoint)
 
 
+def test_clip_sample_is_saved_with_the_pipeline_and_named_in_its_card(tmp_path):
+    train(parse_training_arguments(tiny_run(tmp_path / "run", "--train_data_dir", str(FACES), "--clip_sample")))
+    config = FaceDiffPipeline.from_pretrained(tmp_path / "run").scheduler.config
+    assert (config.clip_sample, config.variance_type) == (True, "fixed_large")
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "noise scale sqrt(beta_t), x_0 clipped to [-1, 1]" in card
+    assert parse_training_arguments([]).clip_sample is None  # unclipped unless asked: the document's update
+
+
 def test_resume_is_exact(tmp_path, monkeypatch):
     flags = ["--train_data_dir", str(FACES), "--max_train_samples", "40", "--max_train_steps", "8",
              "--random_flip", "--gradient_accumulation_steps", "2"]  # fmt: skip
