@@ -34,9 +34,9 @@ RUN_DEFINING_SETTINGS = (
 # Settings that may name a local path: `data/train`, `./data/train/` and `/abs/data/train` are the same data.
 PATH_SETTINGS = ("dataset_name", "train_data_dir", "model_config_name_or_path", "pretrained_model_name_or_path")
 # A resume may change how long the run goes on (the LR schedule then stretches to the new length), how often it
-# saves, samples, evaluates and logs, which weights it keeps at the end (--save_best), where it writes, the hardware
-# and speed settings, and the two remedies for a diverging run that do take effect on resume: --mixed_precision and
-# --max_grad_norm.
+# saves, samples, evaluates and logs, how its sampler treats x_0 (--clip_sample: the weights do not depend on it),
+# which weights it keeps at the end (--save_best), where it writes, the hardware and speed settings, and the two
+# remedies for a diverging run that do take effect on resume: --mixed_precision and --max_grad_norm.
 RESUMABLE_SETTINGS = (
     "num_epochs", "max_train_steps", "max_train_minutes", "checkpointing_steps", "checkpoints_total_limit",
     "resume_from_checkpoint", "save_images_steps", "eval_batch_size", "num_inference_steps", "eval_steps",
@@ -44,6 +44,7 @@ RESUMABLE_SETTINGS = (
     "hub_model_id", "hub_private_repo", "output_dir", "overwrite_output_dir", "dataloader_num_workers",
     "preprocessing_num_workers", "cpu_threads", "cache_dir", "mixed_precision", "max_grad_norm",
     "save_images_epochs", "save_model_epochs", "hub_token", "enable_xformers_memory_efficient_attention", "local_rank",
+    "clip_sample",
 )  # fmt: skip
 
 
