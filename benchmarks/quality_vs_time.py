@@ -6,7 +6,8 @@
 Runs `stock_loop.py` (the plain diffusers loop) and then the recipe, `train_accelerate.py CONFIG` with
 `--max_train_minutes` at the last mark and its evaluations (`--eval_steps`) made as the stock loop's: --num-images
 samples at --steps respaced steps, fixed seeds, EMA weights, scored against the training images. Both clocks count
-training only, not evaluating. Prints a markdown table (each loop at the last evaluation at or before each mark) and
+training only, not evaluating. Prints a markdown table (each loop at the last evaluation at or before each mark, and
+what the recipe's --save_best would keep if stopped there: its best evaluation so far) and
 draws OUT/quality_vs_time.png, with the two floors of `kid_floor.py` (--floor-draws draws of as many real images; each
 refits the held-out floor's evaluator, about 25 s at 64x64 RGB on 2 cores, so use a few there); a stock.jsonl
 already in OUT with every mark is reused, and --replot trains nothing. Flags after `--` go to the recipe's run
@@ -25,6 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from model_flags import describe_cpu
 
+from facediff.training_evaluation import is_better
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -38,9 +41,18 @@ def at_mark(records: list[dict], minutes_key: str, mark: float) -> dict | None:
     return before[-1] if before else None
 
 
+def best_before(records: list[dict], minutes_key: str, mark: float) -> dict | None:
+    """What a run with --save_best saves when stopped at `mark`: its best evaluation so far."""
+    best = None
+    for record in records:
+        if record[minutes_key] <= mark + 0.05 and is_better(record, best):
+            best = record
+    return best
+
+
 def cell(record: dict | None, minutes_key: str) -> str:
     if record is None:
-        return "n/a | | |"
+        return "n/a | |"
     return (
         f"{record['step']} ({record[minutes_key]:.1f} min) | {record['pixel_pca_kid_mean']:.4f} ± "
         f"{record['pixel_pca_kid_std']:.4f} | {record['memorised_share']:.1%}"
@@ -122,11 +134,13 @@ def main():
     print(f"{describe_cpu()}; {args.num_images} samples at {args.steps} steps against the training images")
     for floor, (mean, std) in real.items():
         print(f"real images {floor}: pixel-PCA KID {mean:.4f} ± {std:.4f} (mean + 2 std: {mean + 2 * std:.4f})")
-    print(f"| minutes | stock step | stock KID | stock memorised | {name} step | {name} KID | {name} memorised |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| minutes | stock step | stock KID | stock memorised | {name} step | {name} KID | {name} memorised "
+          f"| {name} saved: step | KID | memorised |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mark in marks:
         print(f"| {mark:g} | {cell(at_mark(stock, 'minutes', mark), 'minutes')} | "
-              f"{cell(at_mark(recipe, 'train_minutes', mark), 'train_minutes')} |")  # fmt: skip
+              f"{cell(at_mark(recipe, 'train_minutes', mark), 'train_minutes')} | "
+              f"{cell(best_before(recipe, 'train_minutes', mark), 'train_minutes')} |")  # fmt: skip
     plot(stock, recipe, real, name, out / "quality_vs_time.png")
     print(f"plot: {out / 'quality_vs_time.png'}")
 
