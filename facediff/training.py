@@ -29,6 +29,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from diffusers.utils import is_xformers_available
 from huggingface_hub import HfApi
 from tqdm.auto import tqdm
+from transformers import get_inverse_sqrt_schedule
 
 from . import checkpointing, data
 from .atomic_files import write_json
@@ -43,7 +44,7 @@ from .precision import native_bf16
 from .pretrained import channels_for_base, load_pretrained_base, settings_for_base
 from .sample_grids import log_images, sample_images, save_grid
 from .stop_signals import StopRequest, TrainingInterrupted
-from .training_args import TrainingArguments
+from .training_args import INVERSE_SQRT_SCHEDULE, TrainingArguments
 from .training_evaluation import (
     BEST_EVAL_NAME,
     EVAL_CURVE_NAME,
@@ -171,9 +172,7 @@ def train(args: TrainingArguments) -> TrainingResult:
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.total_train_steps(steps_per_epoch)
     # Stepped by hand once per optimizer step, so its position means the same whatever the number of processes.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
-    )
+    lr_scheduler = build_lr_scheduler(args, optimizer, max_train_steps)
     checkpoint = _checkpoint_to_resume(args, output_dir, max_train_steps)
     ema = None
     if args.use_ema:
@@ -492,6 +491,25 @@ def _checkpoint_to_resume(args: TrainingArguments, output_dir: Path, max_train_s
             f"{step}, or resume from an earlier checkpoint."
         )
     return checkpoint
+
+
+def build_lr_scheduler(
+    args: TrainingArguments, optimizer: torch.optim.Optimizer, max_train_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """
+    The learning-rate schedule `--lr_scheduler` names: diffusers' (`get_scheduler`), or transformers' inverse square
+    root, which needs no run length and so suits a run bounded by `--max_train_minutes`.
+
+    Args:
+        args (`TrainingArguments`): the run's settings (`lr_scheduler`, `lr_warmup_steps`).
+        optimizer (`torch.optim.Optimizer`): the optimizer whose rate it scales.
+        max_train_steps (`int`): the run's length, over which diffusers' decaying schedules decay.
+    """
+    if args.lr_scheduler == INVERSE_SQRT_SCHEDULE:
+        return get_inverse_sqrt_schedule(optimizer, num_warmup_steps=args.lr_warmup_steps)
+    return get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
+    )
 
 
 def _resume(accelerator: Accelerator, checkpoint: Path | None, ema: EMAModel | None) -> int:

@@ -19,9 +19,14 @@ from .data import ImageSource, ImageSourceError
 from .unet_presets import UNET_PRESETS, unet_config
 
 # piecewise_constant needs step rules that no flag passes: it would fail once training starts.
-LR_SCHEDULES = tuple(schedule.value for schedule in SchedulerType if schedule != SchedulerType.PIECEWISE_CONSTANT)
+# diffusers' schedules, and transformers' inverse_sqrt: a decay that needs no run length.
+INVERSE_SQRT_SCHEDULE = "inverse_sqrt"
+LR_SCHEDULES = (
+    *(schedule.value for schedule in SchedulerType if schedule != SchedulerType.PIECEWISE_CONSTANT),
+    INVERSE_SQRT_SCHEDULE,
+)
 # The schedules that need no run length, so that a run bounded by --max_train_minutes alone can use them.
-CONSTANT_SCHEDULES = (SchedulerType.CONSTANT.value, SchedulerType.CONSTANT_WITH_WARMUP.value)
+OPEN_ENDED_SCHEDULES = (SchedulerType.CONSTANT.value, SchedulerType.CONSTANT_WITH_WARMUP.value, INVERSE_SQRT_SCHEDULE)
 UNET_DEFAULT_DOWN_BLOCKS = inspect.signature(UNet2DModel.__init__).parameters["down_block_types"].default
 # What a run trains with where no flag says: the built-in digits (the main job) have a recipe of their own, measured
 # in docs/recipes.md (the digits main job); other data start from the DDPM paper's rate and the document's loss.
@@ -138,7 +143,8 @@ class TrainingArguments:
         "Stop after this many minutes of training, at the end of the step that reaches them, and save the pipeline "
         "as at the end of a run; with --max_train_steps or --num_epochs as well, whichever comes first. "
         "Evaluations, sample grids and checkpoints do not count; a resumed run's earlier minutes do. Suits a "
-        "constant learning rate (--lr_scheduler constant_with_warmup), which a stop at any step does not cut short.",
+        "schedule that needs no run length (--lr_scheduler constant_with_warmup or inverse_sqrt), which a stop at any "
+        "step does not cut short.",
         default=None,
     )
     gradient_accumulation_steps: int = _help("Batches accumulated per optimizer step.", default=1)
@@ -146,7 +152,9 @@ class TrainingArguments:
         "Peak learning rate; default: 1e-3 for the built-in digits (the main job), else 2e-4.", default=None
     )
     lr_scheduler: str = _help(
-        "diffusers.optimization schedule: constant, constant_with_warmup, linear, cosine, ...", default="cosine"
+        "diffusers.optimization schedule (constant, constant_with_warmup, linear, cosine, ...) or inverse_sqrt "
+        "(transformers': the rate falls as 1/sqrt(step) after the warm-up, its timescale the warm-up steps).",
+        default="cosine",
     )
     lr_warmup_steps: int = _help("Linear warm-up steps.", default=100)
     adam_beta1: float = _help("AdamW beta1.", default=0.95)
@@ -270,10 +278,10 @@ class TrainingArguments:
         if self.max_train_minutes is not None and not self.max_train_minutes > 0:
             raise ValueError(f"--max_train_minutes must be positive, got {self.max_train_minutes}.")
         if self.max_train_minutes is not None and self.max_train_steps is None and self.num_epochs is None:
-            if self.lr_scheduler not in CONSTANT_SCHEDULES:
+            if self.lr_scheduler not in OPEN_ENDED_SCHEDULES:
                 raise ValueError(
                     f"--lr_scheduler {self.lr_scheduler} decays over the run's steps, and --max_train_minutes alone "
-                    "sets none: pass --lr_scheduler constant_with_warmup, or --max_train_steps as well."
+                    "sets none: pass --lr_scheduler constant_with_warmup or inverse_sqrt, or --max_train_steps as well."
                 )
         if self.eval_num_images < 2:
             raise ValueError(f"--eval_num_images must be at least 2, got {self.eval_num_images}.")

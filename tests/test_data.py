@@ -210,7 +210,7 @@ BAD_INPUTS = [
     # It needs step rules that no flag passes.
     (
         lambda tmp: ["--lr_scheduler", "piecewise_constant"],
-        r"--lr_scheduler 'piecewise_constant' is not one of linear, cosine, .*constant_with_warmup\.$",
+        r"--lr_scheduler 'piecewise_constant' is not one of linear, cosine, .*constant_with_warmup, inverse_sqrt\.$",
     ),
     (
         lambda tmp: ["--lerning_rate", "1e-4"],

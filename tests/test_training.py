@@ -392,17 +392,30 @@ def test_max_train_minutes_counts_the_minutes_before_a_resume(tmp_path, monkeypa
     assert (tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_max_train_minutes_alone_needs_a_constant_schedule(tmp_path):
+def test_max_train_minutes_alone_needs_a_schedule_without_a_length(tmp_path):
     with pytest.raises(ValueError) as refused:
         parse_training_arguments(["--output_dir", str(tmp_path / "run"), "--max_train_minutes", "5"])
     assert str(refused.value) == (
         "--lr_scheduler cosine decays over the run's steps, and --max_train_minutes alone sets none: pass "
-        "--lr_scheduler constant_with_warmup, or --max_train_steps as well."
+        "--lr_scheduler constant_with_warmup or inverse_sqrt, or --max_train_steps as well."
     )
+    for schedule in ("constant", "constant_with_warmup", "inverse_sqrt"):
+        args = parse_training_arguments(["--max_train_minutes", "5", "--lr_scheduler", schedule])
+        assert args.lr_scheduler == schedule
     assert not (tmp_path / "run").exists()
     assert parse_training_arguments(["--max_train_minutes", "5", "--max_train_steps", "100"]).max_train_minutes == 5
     with pytest.raises(ValueError, match=r"^--max_train_minutes must be positive, got 0.0.$"):
         parse_training_arguments(["--max_train_minutes", "0", "--lr_scheduler", "constant"])
+
+
+def test_inverse_sqrt_warms_up_then_falls_as_one_over_the_root_of_the_step(tmp_path):
+    flags = ["--train_data_dir", str(FACES), "--learning_rate", "1e-3", "--lr_scheduler", "inverse_sqrt",
+             "--lr_warmup_steps", "2", "--max_train_steps", "8", "--checkpointing_steps", "1"]  # fmt: skip
+    train(parse_training_arguments(tiny_run(tmp_path / "run", *flags)))
+    schedules = [tmp_path / "run" / f"checkpoint-{step}" / "custom_checkpoint_0.pkl" for step in range(1, 9)]
+    rates = [torch.load(path, weights_only=False)["_last_lr"][0] for path in schedules]
+    # the rate for the step after each checkpoint: linear to 1e-3 over 2 steps, then 1e-3 * sqrt(2 / step)
+    assert rates == pytest.approx([1e-3 * min(step / 2, (2 / step) ** 0.5) for step in range(1, 9)], rel=1e-9)
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.name)
