@@ -18,8 +18,8 @@ from transformers import HfArgumentParser
 from .data import ImageSource, ImageSourceError
 from .unet_presets import UNET_PRESETS, unet_config
 
-# piecewise_constant needs step rules that no flag passes: it would fail once training starts.
-# diffusers' schedules, and transformers' inverse_sqrt: a decay that needs no run length.
+# diffusers' schedules, less piecewise_constant (it needs step rules that no flag passes: it would fail once training
+# starts), and transformers' inverse_sqrt, a decay that needs no run length.
 INVERSE_SQRT_SCHEDULE = "inverse_sqrt"
 LR_SCHEDULES = (
     *(schedule.value for schedule in SchedulerType if schedule != SchedulerType.PIECEWISE_CONSTANT),
