@@ -14,13 +14,14 @@ import yaml
 from diffusers import UNet2DModel
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
+from transformers import SchedulerType as TransformersSchedulerType
 
 from .data import ImageSource, ImageSourceError
 from .unet_presets import UNET_PRESETS, unet_config
 
 # diffusers' schedules, less piecewise_constant (it needs step rules that no flag passes: it would fail once training
 # starts), and transformers' inverse_sqrt, a decay that needs no run length.
-INVERSE_SQRT_SCHEDULE = "inverse_sqrt"
+INVERSE_SQRT_SCHEDULE = TransformersSchedulerType.INVERSE_SQRT.value
 LR_SCHEDULES = (
     *(schedule.value for schedule in SchedulerType if schedule != SchedulerType.PIECEWISE_CONSTANT),
     INVERSE_SQRT_SCHEDULE,

@@ -400,7 +400,9 @@ def test_max_train_minutes_alone_needs_a_schedule_without_a_length(tmp_path):
         "--lr_scheduler constant_with_warmup or inverse_sqrt, or --max_train_steps as well."
     )
     for schedule in ("constant", "constant_with_warmup", "inverse_sqrt"):
-        args = parse_training_arguments(["--max_train_minutes", "5", "--lr_scheduler", schedule])
+        args = parse_training_arguments(
+            ["--output_dir", str(tmp_path / "run"), "--max_train_minutes", "5", "--lr_scheduler", schedule]
+        )
         assert args.lr_scheduler == schedule
     assert not (tmp_path / "run").exists()
     assert parse_training_arguments(["--max_train_minutes", "5", "--max_train_steps", "100"]).max_train_minutes == 5
