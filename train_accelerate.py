@@ -7,12 +7,14 @@ lists the flags.
 import math
 import sys
 
+from facediff.allocator import keep_freed_memory
 from facediff.stop_signals import TrainingInterrupted
 from facediff.training import NonFiniteLossError, train
 from facediff.training_args import parse_training_arguments
 
 
 def main() -> int:
+    keep_freed_memory()  # this process is ours: reuse freed tensor memory rather than fault in fresh pages each step
     try:
         result = train(parse_training_arguments())
     except TrainingInterrupted as stop:

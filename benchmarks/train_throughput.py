@@ -5,9 +5,11 @@
 The stock loop is diffusers' examples/unconditional_image_generation/train_unconditional.py reduced to its step:
 DDPMScheduler.add_noise, the same UNet2DModel config, MSE on the noise, backward, gradient clipping, AdamW and an
 EMAModel update; it is also timed with the single thread that `accelerate launch` gives a CPU run (OMP_NUM_THREADS=1),
-where facediff's training uses the machine's cores. facediff's step is `facediff.training._diffusion_loss` with the same
-optimizer and clipping, and the EMA update as facediff's loop runs it (`foreach=True`); it is timed a second time with
-`facediff.allocator.keep_freed_memory()` applied to its process, to show what that is worth for training.
+where facediff's training uses the machine's cores. facediff's step is `facediff.training._diffusion_loss`, the same
+clipping, AdamW with the same settings as facediff's loop builds it (`build_optimizer`: one fused kernel), and the EMA
+update as facediff's loop runs it (`foreach=True`); it is timed with and without
+`facediff.allocator.keep_freed_memory()` applied to its process (`train_accelerate.py` applies it; a script of your own
+that calls `facediff.training.train` decides for itself).
 Each variant runs in fresh processes (so peak RSS is its own), alternating over rounds, after warm-up steps; the
 table gives the median images/s over all repetitions and the spread (min to max).
 """
@@ -26,12 +28,13 @@ from model_flags import add_model_flags, describe_cpu
 
 
 def run_variant(variant: str, preset: str, resolution: int, channels: int, batch_size: int, steps: int, reps: int):
+    from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     from facediff import FaceDiffScheduler, build_unet
     from facediff.allocator import keep_freed_memory
-    from facediff.training import _diffusion_loss
+    from facediff.training import _diffusion_loss, build_optimizer
     from facediff.training_args import TrainingArguments
 
     if variant.endswith("-kept"):
@@ -40,7 +43,11 @@ def run_variant(variant: str, preset: str, resolution: int, channels: int, batch
         torch.set_num_threads(1)  # what `accelerate launch` leaves train_unconditional.py on CPU: OMP_NUM_THREADS=1
     torch.manual_seed(0)
     unet = build_unet(preset, resolution, channels)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    settings = TrainingArguments(output_dir="unused", learning_rate=1e-4, snr_gamma=0.0)
+    if variant.startswith("diffusers"):
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    else:
+        optimizer = build_optimizer(settings, unet.parameters(), Accelerator())  # fused where torch has it
     # facediff's loop updates the EMA with diffusers' multi-tensor path; train_unconditional.py with the default loop.
     foreach = variant.startswith("facediff")
     ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, foreach=foreach)
@@ -57,12 +64,11 @@ def run_variant(variant: str, preset: str, resolution: int, channels: int, batch
             return F.mse_loss(prediction.float(), noise.float())
     else:
         scheduler = FaceDiffScheduler()
-        args = TrainingArguments(output_dir="unused", snr_gamma=0.0)
 
         def loss_fn():
             # As Accelerate runs a --mixed_precision bf16 step: the forward pass under autocast, the weights float32.
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.startswith("facediff-bf16")):
-                return _diffusion_loss(unet, scheduler, pixels, args)
+                return _diffusion_loss(unet, scheduler, pixels, settings)
 
     def step():
         loss = loss_fn()
@@ -121,10 +127,10 @@ def main():
     stock = statistics.median(results["diffusers"]["rates"])
     labels = {
         "diffusers": "stock diffusers loop, same threads",
-        "facediff": "facediff",
-        "facediff-kept": "facediff, freed memory kept (`keep_freed_memory`)",
-        "facediff-bf16": "facediff, bfloat16 autocast (`--mixed_precision bf16`)",
-        "facediff-bf16-kept": "facediff, bfloat16 autocast, freed memory kept",
+        "facediff": "facediff's step, freed memory not kept (its `train` called from a script of your own)",
+        "facediff-kept": "facediff as `train_accelerate.py` runs it (freed memory kept)",
+        "facediff-bf16": "facediff, bfloat16 autocast, freed memory not kept",
+        "facediff-bf16-kept": "facediff, bfloat16 autocast (`--mixed_precision bf16`) as `train_accelerate.py` runs it",
         "diffusers-launched": "stock loop as `accelerate launch` runs it on CPU (1 thread)",
     }
     for variant, label in labels.items():

@@ -4,6 +4,7 @@ import json
 import logging
 import shutil
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -424,3 +425,30 @@ def test_inverse_sqrt_warms_up_then_falls_as_one_over_the_root_of_the_step(tmp_p
 def test_every_recipe_file_parses(recipe):
     args = parse_training_arguments([str(recipe), "--train_data_dir", str(FACES)])
     assert args.max_train_minutes is not None and args.eval_steps is not None and args.save_best
+
+
+def test_adamw_is_fused_and_updates_as_torchs_per_weight_loop(tmp_path):
+    flags = ["--train_data_dir", str(FACES), "--max_train_steps", "1", "--checkpointing_steps", "1"]
+    args = parse_training_arguments(tiny_run(tmp_path / "run", *flags))
+    train(args)
+    saved = torch.load(tmp_path / "run" / "checkpoint-1" / "optimizer.bin", weights_only=False)
+    assert saved["param_groups"][0]["fused"] is True
+
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32), torch.randn(32)]
+    gradients = [[torch.randn_like(weight) for weight in weights] for _ in range(3)]
+    fused = [weight.clone().requires_grad_() for weight in weights]
+    reference = [weight.clone().requires_grad_() for weight in weights]
+    optimizers = (
+        training.build_optimizer(args, fused, SimpleNamespace(device=torch.device("cpu"), scaler=None)),
+        torch.optim.AdamW(reference, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                          weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, foreach=False),
+    )  # fmt: skip
+    for step_gradients in gradients:
+        for optimizer, params in zip(optimizers, (fused, reference)):
+            for param, gradient in zip(params, step_gradients):
+                param.grad = gradient.clone()
+            optimizer.step()
+    for mine, theirs, start in zip(fused, reference, weights):
+        assert not torch.equal(theirs, start)
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-7)
