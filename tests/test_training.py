@@ -445,10 +445,10 @@ def test_adamw_is_fused_and_updates_as_torchs_per_weight_loop(tmp_path):
                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, foreach=False),
     )  # fmt: skip
     for step_gradients in gradients:
-        for optimizer, params in zip(optimizers, (fused, reference)):
-            for param, gradient in zip(params, step_gradients):
+        for optimizer, params in zip(optimizers, (fused, reference), strict=True):
+            for param, gradient in zip(params, step_gradients, strict=True):
                 param.grad = gradient.clone()
             optimizer.step()
-    for mine, theirs, start in zip(fused, reference, weights):
+    for mine, theirs, start in zip(fused, reference, weights, strict=True):
         assert not torch.equal(theirs, start)
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-7)
