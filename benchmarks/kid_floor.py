@@ -1,4 +1,4 @@
-"""How low can a model's pixel-PCA KID against its training images go? Two floors, from real images alone.
+"""How low can a model's pixel-PCA KID against its training images go? Three floors, from real images alone.
 
     python benchmarks/kid_floor.py --train_data_dir ../shared/datasets/olivetti-faces/train --resolution 32
 
@@ -7,6 +7,9 @@
   where a model that copies its training images lands, below any model that draws new faces.
 - held out: N real images scored against the other training images (the reference without them): what a model
   that draws new faces of the same people, as unlike their training images as real photographs are, would score.
+- held out, half of them mirrored: the same, with every other image flipped left to right: where a model trained
+  with `--random_flip` lands when the images are not mirror-symmetric (faces lit from one side). Far above the
+  held-out floor, it says to train without flips.
 
 Mean and standard deviation over --repeats random draws of N images, with the same draws' high-frequency ratio
 (their fine-detail energy over the reference's; see docs/evaluation.md): the band a model's grain or blur is judged
@@ -33,16 +36,20 @@ def training_pixels(train_data_dir: str, resolution: int) -> torch.Tensor:
 
 
 def floors(pixels: torch.Tensor, num_images: int, repeats: int) -> dict[str, dict[str, tuple[float, float]]]:
-    """Mean and standard deviation of the two floors' pixel-PCA KID (`kid`) and high-frequency ratio
+    """Mean and standard deviation of the three floors' pixel-PCA KID (`kid`) and high-frequency ratio
     (`high_frequency_ratio`) over `repeats` draws of `num_images` images."""
     whole = SampleEvaluator(pixels)
     rng = np.random.default_rng(0)
-    scores = {"drawn from the reference": [], "held out of the reference": []}
+    scores = {"drawn from the reference": [], "held out of the reference": [], "held out, half of them mirrored": []}
     for _ in range(repeats):
         order = rng.permutation(len(pixels))
         chosen, rest = pixels[order[:num_images]], pixels[order[num_images:]]
+        half_mirrored = chosen.clone()
+        half_mirrored[::2] = half_mirrored[::2].flip(-1)
+        held_out = SampleEvaluator(rest)
         scores["drawn from the reference"].append(whole.score(chosen))
-        scores["held out of the reference"].append(SampleEvaluator(rest).score(chosen))
+        scores["held out of the reference"].append(held_out.score(chosen))
+        scores["held out, half of them mirrored"].append(held_out.score(half_mirrored))
     return {
         name: {
             short: (float(np.mean([draw[key] for draw in draws])), float(np.std([draw[key] for draw in draws])))

@@ -1,15 +1,15 @@
-"""Is a model within the real-subset floor? Its pixel-PCA KID over several seed sets, beside the two floors.
+"""Is a model within the real-subset floor? Its pixel-PCA KID over several seed sets, beside the three floors.
 
     python benchmarks/kid_vs_floor.py olivetti-32 other-model \
         --train_data_dir ../shared/datasets/olivetti-faces/train --steps 1000 100 --sets 4
 
 One 100-sample KID moves with the noise drawn by more than its printed ± (which covers the reference's subsets
 only), so a model is scored as the floor is: --sets sets of --num-images samples (seeds --seed, --seed + N, ...),
-each scored against the training images (a sample whose mirror image copies one counts as memorised, as for a
-model trained with flips), and reported as mean ± std over the sets, with the sets' high-frequency ratio (grain above
-1, blur below; pixel-PCA KID hardly sees either), beside the floors of
-`kid_floor.py` (50 draws of as many real images: drawn from the reference, and held out of it). The samples are
-drawn in the precision `facediff sample` picks (`--dtype auto`: bfloat16 where the CPU computes it natively).
+each scored against the training images (a sample whose mirror image copies one counts as memorised, as for a model
+trained with flips), and reported as mean ± std over the sets, with the sets' high-frequency ratio (grain above 1,
+blur below; pixel-PCA KID hardly sees either), beside the floors of `kid_floor.py` (50 draws of as many real images:
+drawn from the reference, held out of it, and held out with half of them mirrored). The samples are drawn in the
+precision `facediff sample` picks (`--dtype auto`: bfloat16 where the CPU computes it natively).
 """
 
 import argparse

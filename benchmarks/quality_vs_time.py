@@ -8,7 +8,7 @@ Runs `stock_loop.py` (the plain diffusers loop) and then the recipe, `train_acce
 samples at --steps respaced steps, fixed seeds, EMA weights, scored against the training images. Both clocks count
 training only, not evaluating. Prints a markdown table (each loop at the last evaluation at or before each mark, and
 what the recipe's --save_best would keep if stopped there: its best evaluation so far) and
-draws OUT/quality_vs_time.png, with the two floors of `kid_floor.py` (--floor-draws draws of as many real images; each
+draws OUT/quality_vs_time.png, with the three floors of `kid_floor.py` (--floor-draws draws of as many real images; each
 refits the held-out floor's evaluator, about 25 s at 64x64 RGB on 2 cores, so use a few there); a stock.jsonl
 already in OUT with every mark is reused, and --replot trains nothing. Flags after `--` go to the recipe's run
 (`-- --mixed_precision no`).
@@ -73,7 +73,7 @@ def plot(stock: list[dict], recipe: list[dict], real: dict, name: str, path: Pat
             capsize=2,
             label=label,
         )
-    for (floor, (mean, std)), color in zip(real.items(), ("green", "gray"), strict=True):
+    for (floor, (mean, std)), color in zip(real.items(), ("green", "gray", "orange"), strict=True):
         axes.axhspan(mean - 2 * std, mean + 2 * std, color=color, alpha=0.2, label=f"real faces {floor} (± 2 std)")
     axes.set_yscale("symlog", linthresh=0.01)
     axes.set(xlabel="minutes of training", ylabel="pixel-PCA KID vs training images")
