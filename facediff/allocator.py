@@ -27,7 +27,7 @@ def keep_freed_memory() -> bool:
     Make glibc keep freed memory for reuse in this process; a no-op on other C libraries (macOS, musl, Windows).
 
     It changes how fast memory is handed out, not what any computation gives. It applies to the whole process, so only
-    entry points that own theirs (`facediff sample` and `facediff eval`) call it.
+    entry points that own theirs (`train_accelerate.py`, `facediff sample` and `facediff eval`) call it.
 
     Returns:
         `bool`: whether glibc accepted both settings.
