@@ -21,17 +21,23 @@ from model_flags import describe_cpu
 
 from facediff import FaceDiffPipeline
 from facediff.evaluation import SampleEvaluator
-from facediff.precision import auto_dtype
+from facediff.precision import sampling_precision
 from facediff.sample_grids import draw
 
 SCORES = ("pixel_pca_kid_mean", "memorised_share", "high_frequency_ratio")
 
 
 def score_sets(
-    pipeline: FaceDiffPipeline, evaluator: SampleEvaluator, steps: int, sets: int, num_images: int, seed: int
+    pipeline: FaceDiffPipeline,
+    evaluator: SampleEvaluator,
+    steps: int,
+    sets: int,
+    num_images: int,
+    seed: int,
+    low_noise_dtype: torch.dtype | None,
 ) -> dict[str, np.ndarray]:
     """Pixel-PCA KID, memorised share and high-frequency ratio of each of `sets` sets of `num_images` samples."""
-    batches = draw(pipeline, sets * num_images, steps, seed, num_images, "pt")
+    batches = draw(pipeline, sets * num_images, steps, seed, num_images, "pt", low_noise_dtype=low_noise_dtype)
     scores = [evaluator.score(images.mul(255).round().to(torch.uint8).cpu()) for _, images in batches]
     return {key: np.array([score[key] for score in scores]) for key in SCORES}
 
@@ -50,8 +56,8 @@ def main():
     )
     args = parser.parse_args()
 
-    dtype, reason = auto_dtype("cpu")
-    pipelines = {model: FaceDiffPipeline.from_pretrained(model, torch_dtype=dtype) for model in args.models}
+    low_noise_dtype, reason = sampling_precision("cpu")
+    pipelines = {model: FaceDiffPipeline.from_pretrained(model) for model in args.models}
     flags = {"variance_type": args.variance_type, "clip_sample": args.clip_sample}
     sampler = {name: value for name, value in flags.items() if value is not None}
     for pipeline in pipelines.values():
@@ -62,7 +68,13 @@ def main():
     rows = []
     for model, pipeline in pipelines.items():
         for steps in args.steps:
-            rows.append((model, steps, score_sets(pipeline, evaluator, steps, args.sets, args.num_images, args.seed)))
+            rows.append(
+                (
+                    model,
+                    steps,
+                    score_sets(pipeline, evaluator, steps, args.sets, args.num_images, args.seed, low_noise_dtype),
+                )
+            )
 
     print(f"{describe_cpu()}; sampled in {reason}, {sampler or 'each saved scheduler as it is'}")
     print(f"{args.sets} sets of {args.num_images} samples (seeds from {args.seed}), against {len(pixels)} images")

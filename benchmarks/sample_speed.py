@@ -86,7 +86,7 @@ def build_variants(unet, compile_unet: bool) -> dict:
 
         return sample
 
-    def run_facediff(pipeline, memory_format):
+    def run_facediff(pipeline, memory_format, low_noise_dtype=None):
         def sample(batch_size, steps, seed):
             generator = torch.Generator().manual_seed(seed)
             return pipeline(
@@ -95,6 +95,7 @@ def build_variants(unet, compile_unet: bool) -> dict:
                 num_inference_steps=steps,
                 output_type="pt",
                 memory_format=memory_format,
+                low_noise_dtype=low_noise_dtype,
             ).images
 
         return sample
@@ -108,8 +109,10 @@ def build_variants(unet, compile_unet: bool) -> dict:
         "facediff, memory_format=contiguous": run_facediff(
             quiet(FaceDiffPipeline(unet=copy.deepcopy(unet), scheduler=FaceDiffScheduler())), torch.contiguous_format
         ),
-        # The UNet in bfloat16, the chain in float32: what `facediff sample --dtype auto` picks on a CPU with AMX or
-        # AVX512-BF16 (on others bfloat16 is emulated: slower).
+        # What `facediff sample --dtype auto` picks on a CPU with AMX or AVX512-BF16 (on others bfloat16 is emulated:
+        # slower): float32 weights, bfloat16 autocast for the steps below t = T/2.
+        "facediff, bfloat16 below t = T/2 (channels_last)": run_facediff(facediff, torch.channels_last, torch.bfloat16),
+        # The UNet in bfloat16 throughout, the chain in float32 (`--dtype bfloat16`).
         "facediff, bfloat16 UNet (channels_last)": run_facediff(
             quiet(FaceDiffPipeline(unet=copy.deepcopy(unet).to(torch.bfloat16), scheduler=FaceDiffScheduler())),
             torch.channels_last,

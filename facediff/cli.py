@@ -24,7 +24,7 @@ from .hub import FaceDiffPipeline, check_model_location
 from .model_card import EVAL_RESULTS_NAME, evaluation_table, load_card, model_digest, refresh_card_evaluation
 from .output_dir import check_writable_file
 from .pipelines import FaceDiffScheduler
-from .precision import auto_dtype
+from .precision import sampling_precision
 from .sample_grids import draw, save_grid
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -52,7 +52,7 @@ def sample(args: argparse.Namespace) -> Path:
     """
     out = Path(args.out)
     earlier_samples = _earlier_outputs(out, SAMPLE_FILE_NAME, args.overwrite, "samples")
-    pipeline, precision_note = load_sampler(args)
+    pipeline, low_noise_dtype, precision_note = load_sampler(args, low_noise=True)
     _check_steps(pipeline, [args.steps])
     for path in earlier_samples:
         path.unlink()
@@ -60,7 +60,14 @@ def sample(args: argparse.Namespace) -> Path:
     print(precision_note, file=sys.stderr)
     images = []
     batches = draw(
-        pipeline, args.num_images, args.steps, args.seed, args.batch_size, "pil", MEMORY_FORMATS[args.memory_format]
+        pipeline,
+        args.num_images,
+        args.steps,
+        args.seed,
+        args.batch_size,
+        "pil",
+        MEMORY_FORMATS[args.memory_format],
+        low_noise_dtype=low_noise_dtype,
     )
     for indices, batch in batches:
         for index, image in zip(indices, batch, strict=True):
@@ -85,7 +92,7 @@ def inpaint(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     earlier = _earlier_outputs(out, NUMBERED_RESULT_FILE_NAME, args.overwrite, "results")
     image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
-    pipeline, precision_note = load_sampler(args)
+    pipeline, _, precision_note = load_sampler(args)
     _check_steps(pipeline, [args.steps])
     inpainter = FaceDiffInpaintPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
     original, kept = inpainter.preprocess(image), 1 - inpainter.preprocess_mask(mask, image, 1)  # checks the mask
@@ -120,7 +127,7 @@ def edit(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     earlier = _earlier_outputs(out, EDIT_FILE_NAME, args.overwrite, "results")
     image = _open_image(args.image, "--image")
-    pipeline, precision_note = load_sampler(args)
+    pipeline, _, precision_note = load_sampler(args)
     _check_steps(pipeline, [args.steps])
     editor = FaceDiffImg2ImgPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
     print(precision_note, file=sys.stderr)
@@ -152,7 +159,7 @@ def interpolate(args: argparse.Namespace) -> Path:
         )
     earlier = _earlier_outputs(out, NUMBERED_RESULT_FILE_NAME, args.overwrite, "frames")
     images = [_open_image(path, "--image") for path in args.image] if args.image is not None else None
-    pipeline, precision_note = load_sampler(args)
+    pipeline, _, precision_note = load_sampler(args)
     _check_steps(pipeline, [args.steps])
     interpolator = FaceDiffInterpolationPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
     generators = [torch.Generator().manual_seed(seed) for seed in args.seeds] if images is None else None
@@ -200,7 +207,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     except (FileNotFoundError, ValueError) as error:
         given = f"--inception-weights {error}" if args.inception_weights is not None else str(error)
         raise ValueError(f"{given}; --inception-weights PATH passes it, --no-inception skips FID and KID.") from error
-    pipeline, precision_note = load_sampler(args)
+    pipeline, low_noise_dtype, precision_note = load_sampler(args, low_noise=True)
     _check_steps(pipeline, step_counts)  # before the reference is read
     unet_config = pipeline.unet.config
     try:
@@ -215,7 +222,14 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     for steps in step_counts:
         start = time.perf_counter()
         batches = draw(
-            pipeline, args.num_images, steps, args.seed, args.batch_size, "np", MEMORY_FORMATS[args.memory_format]
+            pipeline,
+            args.num_images,
+            steps,
+            args.seed,
+            args.batch_size,
+            "np",
+            MEMORY_FORMATS[args.memory_format],
+            low_noise_dtype=low_noise_dtype,
         )
         # Quantised as the PNGs that `facediff sample` writes.
         samples = np.concatenate([(batch * 255).round().astype(np.uint8) for _, batch in batches])
@@ -247,27 +261,33 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     return results, out, refreshed
 
 
-def load_sampler(args: argparse.Namespace) -> tuple[FaceDiffPipeline, str]:
+def load_sampler(args: argparse.Namespace, low_noise: bool = False) -> tuple[FaceDiffPipeline, torch.dtype | None, str]:
     """
-    The pipeline of `args.model` on its device and in its precision, with the sampler options applied, and a line
-    that says which precision and why.
+    The pipeline of `args.model` on its device and in its precision, with the sampler options applied, the half
+    precision for the low-noise half of its chain, and a line that says which precision and why.
 
     Args:
         args (`argparse.Namespace`):
             `model`, `device`, `dtype`, `variance_type`, `eta`, `clip_sample` (scheduler options; `None` keeps the
             saved ones), `threads`, `memory_format` and `compile`.
+        low_noise (`bool`, defaults to `False`):
+            Whether the command samples with `FaceDiffPipeline`, whose `low_noise_dtype` `--dtype auto` sets; the
+            editing pipelines sample in float32 then.
 
     Returns:
-        `tuple[FaceDiffPipeline, str]`
+        `tuple[FaceDiffPipeline, torch.dtype | None, str]`
     """
     device = _device(args)  # a bad --device fails before the model is read
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.dtype == "auto":
-        dtype, reason = auto_dtype(device)
+    dtype, low_noise_dtype = DTYPES.get(args.dtype, torch.float32), None
+    if args.dtype != "auto":
+        precision_note = f"Sampling in {args.dtype} (--dtype)."
+    elif low_noise:
+        low_noise_dtype, reason = sampling_precision(device)
         precision_note = f"Sampling in {reason}; --dtype float32 or bfloat16 overrides."
     else:
-        dtype, precision_note = DTYPES[args.dtype], f"Sampling in {args.dtype} (--dtype)."
+        precision_note = "Sampling in float32 (--dtype auto: half precision throughout shifts the samples' colours)."
     pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
     # `facediff interpolate` has none of these: it decodes with DDIM.
     scheduler_options = {name: getattr(args, name, None) for name in ("variance_type", "eta", "clip_sample")}
@@ -278,7 +298,7 @@ def load_sampler(args: argparse.Namespace) -> tuple[FaceDiffPipeline, str]:
         # On a GPU, CUDA graphs ("reduce-overhead") also remove the launch gaps between a step's many small kernels.
         mode = "reduce-overhead" if pipeline.device.type == "cuda" else "default"
         pipeline.unet = torch.compile(pipeline.unet, mode=mode)
-    return pipeline, precision_note
+    return pipeline, low_noise_dtype, precision_note
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
-        help="the UNet's precision (the sampling chain stays float32); auto: bfloat16 where the CPU or GPU computes it "
-        "natively (AMX, AVX512-BF16, recent GPUs), else float32",
+        help="the UNet's precision (the sampling chain stays float32); auto: float32, and for `sample` and `eval` "
+        "bfloat16 below t = T/2 where the CPU or GPU computes it natively (AMX, AVX512-BF16, recent GPUs)",
     )
     model_options.add_argument("--threads", type=_positive, default=None, help="CPU threads; default: torch's")
     model_options.add_argument(

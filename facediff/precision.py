@@ -35,16 +35,18 @@ def native_bf16(device: str | torch.device) -> tuple[bool, str]:
     return False, f"bfloat16 is not chosen automatically on {device.type}"
 
 
-def auto_dtype(device: str | torch.device) -> tuple[torch.dtype, str]:
+def sampling_precision(device: str | torch.device) -> tuple[torch.dtype | None, str]:
     """
-    bfloat16 where `device` computes it natively, float32 elsewhere, with one line that says which and why.
+    The half precision for the low-noise half of a sampling chain (the pipeline's `low_noise_dtype`; the UNet's
+    weights stay float32): bfloat16 where `device` computes it natively, none elsewhere. With one line that says
+    which and why.
 
     Args:
         device (`str` or `torch.device`):
             Where the model runs.
 
     Returns:
-        `tuple[torch.dtype, str]`
+        `tuple[torch.dtype | None, str]`
     """
     native, reason = native_bf16(device)
-    return (torch.bfloat16, f"bfloat16: {reason}") if native else (torch.float32, f"float32: {reason}")
+    return (torch.bfloat16, f"float32, bfloat16 below t = T/2: {reason}") if native else (None, f"float32: {reason}")

@@ -3,12 +3,11 @@
 import math
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, init_empty_weights
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
@@ -27,6 +26,7 @@ def sample_images(
     num_inference_steps: int,
     seed: int,
     ema: EMAModel | None = None,
+    low_noise_dtype: torch.dtype | None = None,
 ) -> list[Image.Image]:
     """
     Draw images with the EMA weights when given, leaving `unet`'s own weights and training mode as they were.
@@ -44,39 +44,46 @@ def sample_images(
             Seed of the sampling generator (the global RNG is not touched, so resuming stays exact).
         ema (`EMAModel`, *optional*):
             Averaged weights to sample with.
+        low_noise_dtype (`torch.dtype`, *optional*):
+            Half precision for the low-noise half of the chain (the pipeline's `low_noise_dtype`).
 
     Returns:
         `list[PIL.Image.Image]`
     """
-    with sampling_weights(unet, ema):
-        pipeline = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler.from_config(scheduler.config))
-        pipeline.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        return pipeline(batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps).images
+    pipeline = FaceDiffPipeline(
+        unet=sampling_unet(unet, ema), scheduler=FaceDiffScheduler.from_config(scheduler.config)
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return pipeline(
+        batch_size=num_images,
+        generator=generator,
+        num_inference_steps=num_inference_steps,
+        low_noise_dtype=low_noise_dtype,
+    ).images
 
 
-@contextmanager
-def sampling_weights(unet: UNet2DModel, ema: EMAModel | None = None) -> Iterator[UNet2DModel]:
+def sampling_unet(unet: UNet2DModel, ema: EMAModel | None = None) -> UNet2DModel:
     """
-    `unet` in eval mode, holding the EMA weights when given, for the block; its own weights and training mode after.
+    A float32 copy of `unet` in eval mode, holding the EMA weights when given. A copy, so that the model being trained
+    keeps its weights and mode, and samples outside the autocast that accelerate wraps its forward in under mixed
+    precision: weights rounded to half precision for the whole chain shift every sample's colours (the pipeline's
+    `low_noise_dtype` uses half precision where it is safe).
 
     Args:
         unet (`UNet2DModel`):
             The (unwrapped) model being trained.
         ema (`EMAModel`, *optional*):
-            Averaged weights to swap in.
+            Averaged weights to copy in.
     """
-    was_training = unet.training
-    unet.eval()
+    with init_empty_weights():
+        copy = UNet2DModel.from_config(unet.config)
+    copy.load_state_dict(
+        {name: value.detach().float().clone() for name, value in unet.state_dict().items()}, assign=True
+    )
     if ema is not None:
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
-    try:
-        yield unet
-    finally:
-        if ema is not None:
-            ema.restore(unet.parameters())
-        unet.train(was_training)
+        ema.copy_to(copy.parameters())
+    return copy.eval()
 
 
 def draw(
@@ -88,6 +95,7 @@ def draw(
     output_type: str,
     memory_format: torch.memory_format | None = None,
     show_progress: bool = True,
+    low_noise_dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[range, list | np.ndarray | torch.Tensor]]:
     """
     Draw images in batches; image i comes from its own generator seeded `seed + i`, so it is the same image
@@ -110,6 +118,8 @@ def draw(
             The layout while sampling; default: the pipeline's (channels_last on a CPU).
         show_progress (`bool`, defaults to `True`):
             Show a progress bar over the images.
+        low_noise_dtype (`torch.dtype`, *optional*):
+            Half precision for the low-noise half of the chain (the pipeline's `low_noise_dtype`).
 
     Returns:
         `Iterator[tuple[range, list | np.ndarray | torch.Tensor]]`: the indices of each batch and its images.
@@ -128,6 +138,7 @@ def draw(
                 num_inference_steps=steps,
                 output_type=output_type,
                 memory_format=memory_format,
+                low_noise_dtype=low_noise_dtype,
             )
             yield indices, output.images
             progress.update(len(indices))

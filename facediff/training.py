@@ -202,7 +202,9 @@ def train(args: TrainingArguments) -> TrainingResult:
         clear_previous_run(args, output_dir)
         rewind_evaluations(output_dir, checkpoint)
     accelerator.wait_for_everyone()
-    evaluator = TrainingEvaluator(scorer, args, output_dir) if scorer is not None else None
+    evaluator = (
+        TrainingEvaluator(scorer, args, output_dir, _half_precision(accelerator)) if scorer is not None else None
+    )
     global_step = _resume(accelerator, checkpoint, ema)
     train_seconds = checkpointing.checkpoint_train_seconds(checkpoint) if checkpoint is not None else 0.0
     # An epoch's last optimizer step may accumulate fewer batches, so place the resume point by steps, not batches.
@@ -433,6 +435,12 @@ def _make_accelerator(args: TrainingArguments, output_dir: Path) -> Accelerator:
     return accelerator
 
 
+def _half_precision(accelerator: Accelerator) -> torch.dtype | None:
+    """The run's half precision, for the low-noise half of the chains that it samples (the pipeline's
+    `low_noise_dtype`)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+
+
 def _mixed_precision(args: TrainingArguments) -> tuple[str, str]:
     """`--mixed_precision`, with `auto` resolved, and why."""
     if args.mixed_precision != "auto":
@@ -592,7 +600,13 @@ def _evaluate(
 def _save_samples(args, accelerator, unet, scheduler, ema, output_dir: Path, global_step: int):
     if accelerator.is_main_process:
         images = sample_images(
-            accelerator.unwrap_model(unet), scheduler, args.eval_batch_size, args.num_inference_steps, args.seed, ema
+            accelerator.unwrap_model(unet),
+            scheduler,
+            args.eval_batch_size,
+            args.num_inference_steps,
+            args.seed,
+            ema,
+            _half_precision(accelerator),
         )
         grid = output_dir / "samples" / f"step-{global_step:06d}.png"
         with checkpointing.explain_disk_full(f"the sample grid {grid.name}", output_dir):
@@ -632,7 +646,9 @@ def _save_final(
     args, accelerator, unet, scheduler, ema, output_dir: Path, global_step, channels, num_images, wall_time
 ):
     unet, best = _final_weights(args, accelerator.unwrap_model(unet), ema, output_dir)
-    images = sample_images(unet, scheduler, args.eval_batch_size, args.num_inference_steps, args.seed)
+    images = sample_images(
+        unet, scheduler, args.eval_batch_size, args.num_inference_steps, args.seed, None, _half_precision(accelerator)
+    )
     log_images(accelerator, images, global_step)
     pipeline = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler.from_config(scheduler.config))
     evaluations = read_eval_log(output_dir)

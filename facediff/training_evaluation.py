@@ -31,7 +31,7 @@ from .data import PIXELS
 from .evaluation import SampleEvaluator
 from .hub import FaceDiffPipeline
 from .pipelines import FaceDiffScheduler
-from .sample_grids import draw, sampling_weights
+from .sample_grids import draw, sampling_unet
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ def sample_pixels(
     seed: int,
     batch_size: int,
     ema: EMAModel | None = None,
+    low_noise_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """
     Draw images with the EMA weights when given, as `facediff eval` draws them: image i from its own generator seeded
@@ -101,14 +102,26 @@ def sample_pixels(
             Images per pipeline call.
         ema (`EMAModel`, *optional*):
             Averaged weights to sample with.
+        low_noise_dtype (`torch.dtype`, *optional*):
+            Half precision for the low-noise half of the chain (the pipeline's `low_noise_dtype`).
 
     Returns:
         `torch.Tensor`: uint8 (N, C, H, W) on the CPU, rounded as the pipeline's PIL images are.
     """
-    with sampling_weights(unet, ema):
-        pipeline = FaceDiffPipeline(unet=unet, scheduler=FaceDiffScheduler.from_config(scheduler.config))
-        batches = draw(pipeline, num_images, num_inference_steps, seed, batch_size, "pt", show_progress=False)
-        return torch.cat([images.mul(255).round().to(torch.uint8).cpu() for _, images in batches])
+    pipeline = FaceDiffPipeline(
+        unet=sampling_unet(unet, ema), scheduler=FaceDiffScheduler.from_config(scheduler.config)
+    )
+    batches = draw(
+        pipeline,
+        num_images,
+        num_inference_steps,
+        seed,
+        batch_size,
+        "pt",
+        show_progress=False,
+        low_noise_dtype=low_noise_dtype,
+    )
+    return torch.cat([images.mul(255).round().to(torch.uint8).cpu() for _, images in batches])
 
 
 class TrainingEvaluator:
@@ -124,10 +137,14 @@ class TrainingEvaluator:
             fits in training fits in sampling, which keeps no activations for a backward pass) and `save_best`.
         output_dir (`Path`):
             The run's folder, as `rewind_evaluations` left it.
+        low_noise_dtype (`torch.dtype`, *optional*):
+            The run's half precision, to sample the low-noise half of each chain in (the pipeline's
+            `low_noise_dtype`); the rest is float32.
     """
 
-    def __init__(self, scorer: SampleEvaluator, args, output_dir: Path):
+    def __init__(self, scorer: SampleEvaluator, args, output_dir: Path, low_noise_dtype: torch.dtype | None = None):
         self.scorer = scorer
+        self.low_noise_dtype = low_noise_dtype
         self.args = args
         self.output_dir = output_dir
         self.records = read_eval_log(output_dir)
@@ -168,7 +185,14 @@ class TrainingEvaluator:
         args = self.args
         started = time.monotonic()
         samples = sample_pixels(
-            unet, scheduler, args.eval_num_images, args.eval_inference_steps, args.seed, args.train_batch_size, ema
+            unet,
+            scheduler,
+            args.eval_num_images,
+            args.eval_inference_steps,
+            args.seed,
+            args.train_batch_size,
+            ema,
+            self.low_noise_dtype,
         )
         scores = self.scorer.score(samples)
         record = {
@@ -181,8 +205,7 @@ class TrainingEvaluator:
         self.records.append(record)
         write_eval_log(self.output_dir, self.records)
         if args.save_best and is_better(record, self.best):
-            with sampling_weights(unet, ema):
-                self.best = write_best_eval(self.output_dir, unet, record)
+            self.best = write_best_eval(self.output_dir, sampling_unet(unet, ema), record)
         logger.info(
             f"Evaluation at step {step} ({time.monotonic() - started:.1f} s): "
             f"pixel-PCA FD {record['pixel_pca_fd']:.3f}, "

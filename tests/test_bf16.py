@@ -3,18 +3,23 @@
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 from safetensors.torch import load_file
 
 import facediff.precision as precision
 import facediff.training as training
 from facediff import FaceDiffPipeline, FaceDiffScheduler
 from facediff.cli import main
+from facediff.sample_grids import sampling_unet
 from facediff.training import train
 from facediff.training_args import parse_training_arguments
 
@@ -76,13 +81,54 @@ def test_a_bfloat16_unet_samples_as_float32_where_a_bfloat16_chain_drifts():
     [
         ((("AMX", lambda: True), ("AVX512-BF16", lambda: False)), torch.bfloat16, "natively (AMX)"),
         ((("AMX", lambda: False), ("AVX512-BF16", lambda: True)), torch.bfloat16, "natively (AVX512-BF16)"),
-        ((("AMX", lambda: False), ("AVX512-BF16", lambda: False)), torch.float32, "no native bfloat16"),
+        ((("AMX", lambda: False), ("AVX512-BF16", lambda: False)), None, "no native bfloat16"),
     ],
 )
 def test_auto_picks_bfloat16_only_where_the_cpu_computes_it(monkeypatch, checks, dtype, reason):
     monkeypatch.setattr(precision, "CPU_BF16_CHECKS", checks)
-    chosen, line = precision.auto_dtype("cpu")
-    assert chosen == dtype and reason in line and line.startswith(str(dtype).removeprefix("torch."))
+    chosen, line = precision.sampling_precision("cpu")
+    assert chosen == dtype and reason in line
+    assert line.startswith("float32, bfloat16 below t = T/2: " if dtype else "float32: ")
+
+
+def unet_precision_per_step(pipeline: FaceDiffPipeline, **call) -> dict[int, torch.dtype]:
+    """The dtype of the UNet's output at each timestep of one call."""
+    seen = {}
+    hook = pipeline.unet.register_forward_hook(
+        lambda unet, args, output: seen.update({int(args[1]): output.sample.dtype})
+    )
+    pipeline(generator=torch.Generator().manual_seed(0), **call)
+    hook.remove()
+    return seen
+
+
+def test_low_noise_dtype_runs_the_unet_in_half_precision_below_half_the_chain_only(gray_pipeline):
+    gray_pipeline.set_progress_bar_config(disable=True)
+    for steps in (None, 10):
+        seen = unet_precision_per_step(gray_pipeline, num_inference_steps=steps, low_noise_dtype=torch.bfloat16)
+        assert len(seen) == (steps or 1000)
+        assert {t for t, dtype in seen.items() if dtype == torch.bfloat16} == {t for t in seen if t < 500}
+        assert {dtype for t, dtype in seen.items() if t >= 500} == {torch.float32}
+    assert set(unet_precision_per_step(gray_pipeline, num_inference_steps=10).values()) == {torch.float32}
+
+
+def test_low_noise_dtype_needs_a_float32_unet(gray_pipeline):
+    gray_pipeline.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="low_noise_dtype needs a float32 UNet, got torch.bfloat16"):
+        gray_pipeline(num_inference_steps=2, low_noise_dtype=torch.bfloat16)
+
+
+def test_half_precision_below_half_the_chain_stays_closer_to_float32_than_bfloat16_weights(rgb_pipeline):
+    rgb_pipeline.set_progress_bar_config(disable=True)
+
+    def images(pipeline, **call):
+        generator = torch.Generator().manual_seed(0)
+        return pipeline(batch_size=4, generator=generator, num_inference_steps=20, output_type="pt", **call).images
+
+    reference = images(rgb_pipeline)
+    low_noise = images(rgb_pipeline, low_noise_dtype=torch.bfloat16)
+    throughout = images(rgb_pipeline.to(torch.bfloat16))
+    assert 0 < (low_noise - reference).abs().mean() < (throughout - reference).abs().mean() / 2
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -91,11 +137,37 @@ def test_sample_dtype_auto_says_what_it_picked_and_samples_in_it(gray_pipeline, 
     gray_pipeline.save_pretrained(tmp_path / "model")
     flags = ["sample", str(tmp_path / "model"), "--num-images", "2", "--steps", "3", "--device", "cpu"]
     assert main([*flags, "--out", str(tmp_path / "auto")]) == 0
-    picked = "bfloat16" if native else "float32"
+    picked = "float32, bfloat16 below t = T/2" if native else "float32"
     assert f"Sampling in {picked}: this CPU" in capsys.readouterr().err
-    assert main([*flags, "--dtype", picked, "--out", str(tmp_path / "explicit")]) == 0
-    for name in ("00000.png", "00001.png", "grid.png"):
-        assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "explicit" / name).read_bytes()
+    gray_pipeline.set_progress_bar_config(disable=True)
+    for index in range(2):
+        expected = gray_pipeline(
+            generator=torch.Generator().manual_seed(index),
+            num_inference_steps=3,
+            low_noise_dtype=torch.bfloat16 if native else None,
+        ).images[0]
+        saved = Image.open(tmp_path / "auto" / f"{index:05d}.png")
+        assert np.array_equal(np.asarray(saved), np.asarray(expected)), index
+
+
+def test_training_samples_with_float32_weights_outside_accelerates_autocast():
+    torch.manual_seed(0)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    trained = accelerator.unwrap_model(accelerator.prepare(one_level_unet()))
+    ema = EMAModel(trained.parameters())
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(0.1)
+    before = {name: value.clone() for name, value in trained.state_dict().items()}
+    copy = sampling_unet(trained, ema)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor(700)
+    plain = one_level_unet()
+    ema.copy_to(plain.parameters())
+    assert trained(x, t).sample.dtype == torch.float32  # accelerate's wrapper casts its bfloat16 output back
+    assert not torch.equal(trained(x, t).sample, plain.eval()(x, t).sample)
+    assert torch.equal(copy(x, t).sample, plain(x, t).sample) and not copy.training
+    assert all(torch.equal(value, before[name]) for name, value in trained.state_dict().items())
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def trained_weights(output) -> dict[str, torch.Tensor]:
