@@ -120,8 +120,10 @@ class FaceDiffPipeline(DiffusionPipeline):
         half_chain = self.scheduler.config.num_train_timesteps // 2
         with _unet_layout(self.unet, memory_format):
             for t, t_on_device in zip(self.progress_bar(self.scheduler.timesteps), timesteps_on_device, strict=True):
-                low_noise = low_noise_dtype is not None and bool(t < half_chain)
-                with torch.autocast(device.type, dtype=low_noise_dtype or torch.bfloat16, enabled=low_noise):
+                precision = contextlib.nullcontext()
+                if low_noise_dtype is not None:
+                    precision = torch.autocast(device.type, dtype=low_noise_dtype, enabled=bool(t < half_chain))
+                with precision:
                     model_output = self.unet(image.to(unet_dtype), t_on_device).sample.to(chain_dtype)
                 image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
 

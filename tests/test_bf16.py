@@ -110,6 +110,8 @@ def test_low_noise_dtype_runs_the_unet_in_half_precision_below_half_the_chain_on
         assert {t for t, dtype in seen.items() if dtype == torch.bfloat16} == {t for t in seen if t < 500}
         assert {dtype for t, dtype in seen.items() if t >= 500} == {torch.float32}
     assert set(unet_precision_per_step(gray_pipeline, num_inference_steps=10).values()) == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's own autocast is left alone without the option
+        assert set(unet_precision_per_step(gray_pipeline, num_inference_steps=10).values()) == {torch.bfloat16}
 
 
 def test_low_noise_dtype_needs_a_float32_unet(gray_pipeline):
