@@ -1,7 +1,7 @@
 """What an evaluation during training (`--eval_steps`) costs, against the training step it interrupts.
 
     python benchmarks/eval_cost.py [--preset small] [--resolution 32] [--channels 1] [--batch-size 64]
-        [--num-images 64] [--inference-steps 25] [--num-reference 2000] [--reps 3]
+        [--num-images 64] [--inference-steps 25] [--num-reference 2000] [--reps 3] [--bf16]
 
 Times, in one process with the machine's cores, as the training loop runs them: fitting the evaluator once
 (`SampleEvaluator` on --num-reference images: the pixel PCA and the memorisation threshold), one evaluation
@@ -9,9 +9,12 @@ Times, in one process with the machine's cores, as the training loop runs them: 
 `SampleEvaluator.score`), and one training step of --batch-size images (facediff's loss, backward, clipping, AdamW, the
 EMA update). The reference images are random pixels: the fit's and the scores' arithmetic does not depend on what the
 images show. Prints the medians over --reps repetitions and what an evaluation every N steps adds to training.
+`--bf16` times them as a `--mixed_precision bf16` run does: the step under bf16 autocast, the evaluation on float32
+weights with bfloat16 below t = T/2 (`low_noise_dtype`).
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -26,6 +29,7 @@ def main():
     parser.add_argument("--inference-steps", type=int, default=25)
     parser.add_argument("--num-reference", type=int, default=2000)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="as a --mixed_precision bf16 run")
     args = parser.parse_args()
 
     from diffusers.training_utils import EMAModel
@@ -49,8 +53,12 @@ def main():
     def fit():
         return SampleEvaluator(reference, inception=None)
 
+    low_noise_dtype = torch.bfloat16 if args.bf16 else None
+
     def train_step():
-        loss = _diffusion_loss(unet, scheduler, pixels, training_args)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+        with autocast:
+            loss = _diffusion_loss(unet, scheduler, pixels, training_args)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
@@ -58,7 +66,9 @@ def main():
         ema.step(unet.parameters())
 
     def sample():
-        return sample_pixels(unet, scheduler, args.num_images, args.inference_steps, 0, args.batch_size, ema)
+        return sample_pixels(
+            unet, scheduler, args.num_images, args.inference_steps, 0, args.batch_size, ema, low_noise_dtype
+        )
 
     def timed(function, reps):
         times = []
@@ -80,7 +90,8 @@ def main():
     print(f"{describe_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(
         f"`{args.preset}` preset, {args.resolution}x{args.resolution}, {args.channels} channel(s); "
-        f"{args.num_images} samples x {args.inference_steps} steps against {args.num_reference} reference images\n"
+        f"{args.num_images} samples x {args.inference_steps} steps against {args.num_reference} reference images; "
+        f"{'bf16 as a --mixed_precision bf16 run' if args.bf16 else 'float32'}\n"
     )
     print("| what | seconds |\n|---|---:|")
     print(f"| fitting the evaluator (once per run) | {fit_s:.2f} |")

@@ -50,9 +50,7 @@ def sample_images(
     Returns:
         `list[PIL.Image.Image]`
     """
-    pipeline = FaceDiffPipeline(
-        unet=sampling_unet(unet, ema), scheduler=FaceDiffScheduler.from_config(scheduler.config)
-    )
+    pipeline = sampling_pipeline(unet, scheduler, ema)
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return pipeline(
@@ -61,6 +59,22 @@ def sample_images(
         num_inference_steps=num_inference_steps,
         low_noise_dtype=low_noise_dtype,
     ).images
+
+
+def sampling_pipeline(unet: UNet2DModel, scheduler: FaceDiffScheduler, ema: EMAModel | None = None) -> FaceDiffPipeline:
+    """
+    A pipeline over `sampling_unet(unet, ema)` and a copy of `scheduler`: sampling changes neither the model being
+    trained nor the training scheduler.
+
+    Args:
+        unet (`UNet2DModel`):
+            The (unwrapped) model being trained.
+        scheduler (`FaceDiffScheduler`):
+            The training scheduler.
+        ema (`EMAModel`, *optional*):
+            Averaged weights to sample with.
+    """
+    return FaceDiffPipeline(unet=sampling_unet(unet, ema), scheduler=FaceDiffScheduler.from_config(scheduler.config))
 
 
 def sampling_unet(unet: UNet2DModel, ema: EMAModel | None = None) -> UNet2DModel:

@@ -29,9 +29,8 @@ from .atomic_files import atomic_copy, atomic_write
 from .checkpointing import checkpoint_step
 from .data import PIXELS
 from .evaluation import SampleEvaluator
-from .hub import FaceDiffPipeline
 from .pipelines import FaceDiffScheduler
-from .sample_grids import draw, sampling_unet
+from .sample_grids import draw, sampling_pipeline, sampling_unet
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +107,8 @@ def sample_pixels(
     Returns:
         `torch.Tensor`: uint8 (N, C, H, W) on the CPU, rounded as the pipeline's PIL images are.
     """
-    pipeline = FaceDiffPipeline(
-        unet=sampling_unet(unet, ema), scheduler=FaceDiffScheduler.from_config(scheduler.config)
-    )
     batches = draw(
-        pipeline,
+        sampling_pipeline(unet, scheduler, ema),
         num_images,
         num_inference_steps,
         seed,
