@@ -52,7 +52,7 @@ def sample(args: argparse.Namespace) -> Path:
     """
     out = Path(args.out)
     earlier_samples = _earlier_outputs(out, SAMPLE_FILE_NAME, args.overwrite, "samples")
-    pipeline, low_noise_dtype, precision_note = load_sampler(args, low_noise=True)
+    pipeline, low_noise_dtype, precision_note = load_sampler(args)
     _check_steps(pipeline, [args.steps])
     for path in earlier_samples:
         path.unlink()
@@ -92,7 +92,7 @@ def inpaint(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     earlier = _earlier_outputs(out, NUMBERED_RESULT_FILE_NAME, args.overwrite, "results")
     image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
-    pipeline, _, precision_note = load_sampler(args)
+    pipeline, low_noise_dtype, precision_note = load_sampler(args)
     _check_steps(pipeline, [args.steps])
     inpainter = FaceDiffInpaintPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
     original, kept = inpainter.preprocess(image), 1 - inpainter.preprocess_mask(mask, image, 1)  # checks the mask
@@ -104,6 +104,7 @@ def inpaint(args: argparse.Namespace) -> Path:
         jump_length=args.jump_length,
         jump_n_sample=args.jump_n_sample,
         generator=[torch.Generator().manual_seed(args.seed + index) for index in range(args.num_images)],
+        low_noise_dtype=low_noise_dtype,
     ).images
     # The part repainted shows as mid-gray, 0 in the model's [-1, 1].
     strip = inpainter.postprocess(torch.cat([original, original * kept]), "pil") + results
@@ -127,14 +128,20 @@ def edit(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     earlier = _earlier_outputs(out, EDIT_FILE_NAME, args.overwrite, "results")
     image = _open_image(args.image, "--image")
-    pipeline, _, precision_note = load_sampler(args)
+    pipeline, low_noise_dtype, precision_note = load_sampler(args)
     _check_steps(pipeline, [args.steps])
     editor = FaceDiffImg2ImgPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
     print(precision_note, file=sys.stderr)
     results = {}
     for strength in dict.fromkeys(args.strength):
         generator = torch.Generator().manual_seed(args.seed)
-        edited = editor(image=image, strength=strength, num_inference_steps=args.steps, generator=generator)
+        edited = editor(
+            image=image,
+            strength=strength,
+            num_inference_steps=args.steps,
+            generator=generator,
+            low_noise_dtype=low_noise_dtype,
+        )
         results[f"strength-{strength:g}.png"] = edited.images[0]
     strip = editor.postprocess(editor.preprocess(image), "pil") + list(results.values())
     return _write_outputs(out, {**results, "strip.png": _strip(strip)}, earlier)
@@ -159,13 +166,17 @@ def interpolate(args: argparse.Namespace) -> Path:
         )
     earlier = _earlier_outputs(out, NUMBERED_RESULT_FILE_NAME, args.overwrite, "frames")
     images = [_open_image(path, "--image") for path in args.image] if args.image is not None else None
-    pipeline, _, precision_note = load_sampler(args)
+    pipeline, low_noise_dtype, precision_note = load_sampler(args)
     _check_steps(pipeline, [args.steps])
     interpolator = FaceDiffInterpolationPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
     generators = [torch.Generator().manual_seed(seed) for seed in args.seeds] if images is None else None
     print(precision_note, file=sys.stderr)
     frames = interpolator(
-        image=images, generator=generators, num_frames=args.frames, num_inference_steps=args.steps
+        image=images,
+        generator=generators,
+        num_frames=args.frames,
+        num_inference_steps=args.steps,
+        low_noise_dtype=low_noise_dtype,
     ).images
     written = {f"{index:05d}.png": frame for index, frame in enumerate(frames)}
     return _write_outputs(out, {**written, "strip.png": _strip(frames)}, earlier)
@@ -207,7 +218,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     except (FileNotFoundError, ValueError) as error:
         given = f"--inception-weights {error}" if args.inception_weights is not None else str(error)
         raise ValueError(f"{given}; --inception-weights PATH passes it, --no-inception skips FID and KID.") from error
-    pipeline, low_noise_dtype, precision_note = load_sampler(args, low_noise=True)
+    pipeline, low_noise_dtype, precision_note = load_sampler(args)
     _check_steps(pipeline, step_counts)  # before the reference is read
     unet_config = pipeline.unet.config
     try:
@@ -261,18 +272,16 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
     return results, out, refreshed
 
 
-def load_sampler(args: argparse.Namespace, low_noise: bool = False) -> tuple[FaceDiffPipeline, torch.dtype | None, str]:
+def load_sampler(args: argparse.Namespace) -> tuple[FaceDiffPipeline, torch.dtype | None, str]:
     """
     The pipeline of `args.model` on its device and in its precision, with the sampler options applied, the half
-    precision for the low-noise half of its chain, and a line that says which precision and why.
+    precision for the low-noise half of its chain (every command's pipeline takes it as `low_noise_dtype`), and a
+    line that says which precision and why.
 
     Args:
         args (`argparse.Namespace`):
             `model`, `device`, `dtype`, `variance_type`, `eta`, `clip_sample` (scheduler options; `None` keeps the
             saved ones), `threads`, `memory_format` and `compile`.
-        low_noise (`bool`, defaults to `False`):
-            Whether the command samples with `FaceDiffPipeline`, whose `low_noise_dtype` `--dtype auto` sets; the
-            editing pipelines sample in float32 then.
 
     Returns:
         `tuple[FaceDiffPipeline, torch.dtype | None, str]`
@@ -283,11 +292,9 @@ def load_sampler(args: argparse.Namespace, low_noise: bool = False) -> tuple[Fac
     dtype, low_noise_dtype = DTYPES.get(args.dtype, torch.float32), None
     if args.dtype != "auto":
         precision_note = f"Sampling in {args.dtype} (--dtype)."
-    elif low_noise:
+    else:
         low_noise_dtype, reason = sampling_precision(device)
         precision_note = f"Sampling in {reason}; --dtype float32 or bfloat16 overrides."
-    else:
-        precision_note = "Sampling in float32 (--dtype auto: half precision throughout shifts the samples' colours)."
     pipeline = FaceDiffPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
     # `facediff interpolate` has none of these: it decodes with DDIM.
     scheduler_options = {name: getattr(args, name, None) for name in ("variance_type", "eta", "clip_sample")}

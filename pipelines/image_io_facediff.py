@@ -3,6 +3,8 @@
 """What the editing pipelines (inpainting, image-to-image, interpolation) share: images and masks into the model's
 space, [-1, 1] at its channels and size as training converts them, and samples back out as `output_type` asks."""
 
+import contextlib
+
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -69,9 +71,10 @@ class FaceDiffImageIO:
             sample = torch.from_numpy(np.stack([self.pixels(each) for each in images])).float() / 127.5 - 1
         return sample.to(self._execution_device, self.chain_dtype)
 
-    def check_call(self, batch_size: int, generator, output_type: str) -> None:
+    def check_call(self, batch_size: int, generator, output_type: str, low_noise_dtype=None) -> None:
         """
-        Refuse an `output_type` or a number of generators that a call cannot honour, before any work.
+        Refuse an `output_type`, a number of generators or a `low_noise_dtype` that a call cannot honour, before
+        any work.
 
         Args:
             batch_size (`int`):
@@ -80,11 +83,15 @@ class FaceDiffImageIO:
                 As the call takes it.
             output_type (`str`):
                 As the call takes it.
+            low_noise_dtype (`torch.dtype`, *optional*):
+                As the call takes it: it needs a float32 UNet.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}.")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for {batch_size} images: pass one per image.")
+        if low_noise_dtype is not None and self.unet.dtype != torch.float32:
+            raise ValueError(f"low_noise_dtype needs a float32 UNet, got {self.unet.dtype}: load it in float32.")
 
     def noise_like(self, sample: torch.Tensor, generator) -> torch.Tensor:
         """
@@ -101,7 +108,7 @@ class FaceDiffImageIO:
         """
         return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
 
-    def model_output(self, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model_output(self, sample: torch.Tensor, t: torch.Tensor, low_noise_dtype=None) -> torch.Tensor:
         """
         The UNet at (x_t, t), cast in and out of its dtype so that the chain keeps `sample`'s.
 
@@ -110,11 +117,18 @@ class FaceDiffImageIO:
                 x_t.
             t (`torch.Tensor`):
                 The training step.
+            low_noise_dtype (`torch.dtype`, *optional*):
+                Run the float32 UNet under `torch.autocast` in this dtype when t < T/2, as `FaceDiffPipeline` does.
 
         Returns:
             `torch.Tensor`: in `sample`'s dtype.
         """
-        return self.unet(sample.to(self.unet.dtype), t).sample.to(sample.dtype)
+        precision = contextlib.nullcontext()  # a caller's own autocast, if any, holds
+        if low_noise_dtype is not None:
+            low_noise = bool(t < self.scheduler.config.num_train_timesteps // 2)
+            precision = torch.autocast(sample.device.type, dtype=low_noise_dtype, enabled=low_noise)
+        with precision:
+            return self.unet(sample.to(self.unet.dtype), t).sample.to(sample.dtype)
 
     def postprocess(self, sample: torch.Tensor, output_type: str):
         """

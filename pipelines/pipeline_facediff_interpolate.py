@@ -45,6 +45,7 @@ class FaceDiffInterpolationPipeline(DiffusionPipeline, FaceDiffImageIO):
         num_inference_steps: int = 50,
         output_type: str = "pil",
         return_dict: bool = True,
+        low_noise_dtype: torch.dtype | None = None,
     ) -> ImagePipelineOutput | tuple:
         """
         Interpolate between two images, or between two seeds.
@@ -63,17 +64,20 @@ class FaceDiffInterpolationPipeline(DiffusionPipeline, FaceDiffImageIO):
                 `"pil"`, `"np"` (N, H, W, C in [0, 1]) or `"pt"` (N, C, H, W in [0, 1]).
             return_dict (`bool`, defaults to `True`):
                 Return an [`ImagePipelineOutput`] rather than a tuple.
+            low_noise_dtype (`torch.dtype`, *optional*):
+                Run a float32 UNet under `torch.autocast` in this dtype (`torch.bfloat16`) for the steps with
+                t < T/2 only, as [`FaceDiffPipeline`] does, in the inversion and the decoding.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the `num_frames` frames.
         """
         if num_frames < 2:
             raise ValueError(f"num_frames must be at least 2, both ends included; got {num_frames}.")
-        self.check_call(2, generator, output_type)
+        self.check_call(2, generator, output_type, low_noise_dtype)
         if image is not None and len(self.preprocess(image)) != 2:  # converting is cheap; the inversion is not
             raise ValueError(f"Interpolation needs two images, got {len(self.preprocess(image))}.")
         if image is not None:
-            ends = self.invert(image, num_inference_steps)
+            ends = self.invert(image, num_inference_steps, low_noise_dtype)
         else:
             size = self.unet.config.sample_size
             shape = (2, self.unet.config.in_channels, size, size)
@@ -83,14 +87,14 @@ class FaceDiffInterpolationPipeline(DiffusionPipeline, FaceDiffImageIO):
         decoder = ddim_on_schedule(DDIMScheduler, self.scheduler)
         decoder.set_timesteps(num_inference_steps)
         for t in self.progress_bar(decoder.timesteps):
-            sample = decoder.step(self.model_output(sample, t), t, sample, eta=0.0).prev_sample
+            sample = decoder.step(self.model_output(sample, t, low_noise_dtype), t, sample, eta=0.0).prev_sample
 
         images = self.postprocess(sample, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     @torch.no_grad()
-    def invert(self, image, num_inference_steps: int = 50) -> torch.Tensor:
+    def invert(self, image, num_inference_steps: int = 50, low_noise_dtype: torch.dtype | None = None) -> torch.Tensor:
         """
         DDIM inversion: the x_T from which DDIM (eta 0) over the same steps decodes back to about `image`. The
         round trip is not exact, since each inverted step evaluates the model at the level it leaves rather than
@@ -101,6 +105,8 @@ class FaceDiffInterpolationPipeline(DiffusionPipeline, FaceDiffImageIO):
                 As `__call__` takes it, any number of images.
             num_inference_steps (`int`, defaults to 50):
                 DDIM steps.
+            low_noise_dtype (`torch.dtype`, *optional*):
+                As `__call__` takes it.
 
         Returns:
             `torch.Tensor`: x_T, (N, C, H, W).
@@ -109,7 +115,7 @@ class FaceDiffInterpolationPipeline(DiffusionPipeline, FaceDiffImageIO):
         inverse = ddim_on_schedule(DDIMInverseScheduler, self.scheduler)
         inverse.set_timesteps(num_inference_steps)
         for t in self.progress_bar(inverse.timesteps):
-            sample = inverse.step(self.model_output(sample, t), t, sample).prev_sample
+            sample = inverse.step(self.model_output(sample, t, low_noise_dtype), t, sample).prev_sample
         return sample
 
 

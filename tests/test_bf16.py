@@ -17,13 +17,19 @@ from safetensors.torch import load_file
 
 import facediff.precision as precision
 import facediff.training as training
-from facediff import FaceDiffPipeline, FaceDiffScheduler
+from facediff import (
+    FaceDiffImg2ImgPipeline,
+    FaceDiffInpaintPipeline,
+    FaceDiffInterpolationPipeline,
+    FaceDiffPipeline,
+    FaceDiffScheduler,
+)
 from facediff.cli import main
 from facediff.sample_grids import sampling_unet
 from facediff.training import train
 from facediff.training_args import parse_training_arguments
 
-from .conftest import FACES, one_level_unet, tiny_run
+from .conftest import FACES, one_level_unet, tiny_run, tiny_unet
 
 MU, S = 0.3, 0.5
 
@@ -150,6 +156,75 @@ def test_sample_dtype_auto_says_what_it_picked_and_samples_in_it(gray_pipeline, 
         ).images[0]
         saved = Image.open(tmp_path / "auto" / f"{index:05d}.png")
         assert np.array_equal(np.asarray(saved), np.asarray(expected)), index
+
+
+def editing_call(pipeline_class) -> tuple:
+    """A gray editing pipeline on the full T = 1000 schedule, and a call of it over 10 steps of the whole chain."""
+    torch.manual_seed(0)
+    pipeline = pipeline_class(unet=tiny_unet(1), scheduler=FaceDiffScheduler())
+    pipeline.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    if pipeline_class is FaceDiffInterpolationPipeline:  # inverts both ends, then decodes
+        return pipeline, dict(image=torch.cat([image, image.flip(-1)]), num_frames=2, num_inference_steps=10)
+    if pipeline_class is FaceDiffInpaintPipeline:
+        mask = torch.zeros(1, 1, 16, 16)
+        mask[..., 4:12, 4:12] = 1
+        return pipeline, dict(image=image, mask_image=mask, jump_n_sample=1, num_inference_steps=10)
+    return pipeline, dict(image=image, strength=1.0, num_inference_steps=10)
+
+
+@pytest.mark.parametrize(
+    "pipeline_class", [FaceDiffImg2ImgPipeline, FaceDiffInpaintPipeline, FaceDiffInterpolationPipeline]
+)
+def test_editing_pipelines_take_half_precision_below_half_the_chain_only(pipeline_class):
+    pipeline, call = editing_call(pipeline_class)
+    assert set(unet_precision_per_step(pipeline, **call).values()) == {torch.float32}
+    seen = unet_precision_per_step(pipeline, **call, low_noise_dtype=torch.bfloat16)
+    assert len(seen) == 10
+    assert {t for t, dtype in seen.items() if dtype == torch.bfloat16} == {t for t in seen if t < 500} != set()
+    assert {dtype for t, dtype in seen.items() if t >= 500} == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's own autocast is left alone without the option
+        assert set(unet_precision_per_step(pipeline, **call).values()) == {torch.bfloat16}
+    pipeline.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="low_noise_dtype needs a float32 UNet, got torch.bfloat16"):
+        pipeline(**call, low_noise_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_editing_commands_dtype_auto_take_the_samplers_precision(tmp_path, monkeypatch, capsys, native):
+    monkeypatch.setattr(precision, "CPU_BF16_CHECKS", (("AMX", lambda: native),))
+    torch.manual_seed(0)
+    FaceDiffPipeline(unet=tiny_unet(1), scheduler=FaceDiffScheduler()).save_pretrained(tmp_path / "model")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 32))
+    mask.save(tmp_path / "mask.png")
+    model, face_file, common = str(tmp_path / "model"), str(FACES / "000.png"), ["--steps", "6", "--seed", "2"]
+    edit = ["edit", model, "--image", face_file, "--strength", "0.9", "--out", str(tmp_path / "edit")]
+    inpaint = ["inpaint", model, "--image", face_file, "--mask", str(tmp_path / "mask.png"), "--num-images", "1"]
+    assert main([*edit, *common]) == 0
+    assert main([*inpaint, "--jump-n-sample", "2", "--out", str(tmp_path / "fill"), *common]) == 0
+    interpolate = ["interpolate", model, "--image", face_file, "--image", str(FACES / "001.png"), "--frames", "3"]
+    assert main([*interpolate, "--steps", "6", "--out", str(tmp_path / "frames")]) == 0
+    picked = "float32, bfloat16 below t = T/2" if native else "float32"
+    assert capsys.readouterr().err.count(f"Sampling in {picked}: this CPU") == 3
+    low_noise_dtype = torch.bfloat16 if native else None
+    editor = FaceDiffImg2ImgPipeline.from_pretrained(tmp_path / "model")
+    inpainter = FaceDiffInpaintPipeline.from_pretrained(tmp_path / "model")
+    interpolator = FaceDiffInterpolationPipeline.from_pretrained(tmp_path / "model")
+    for pipeline in (editor, inpainter, interpolator):
+        pipeline.set_progress_bar_config(disable=True)
+    options = dict(num_inference_steps=6, low_noise_dtype=low_noise_dtype)
+    face = Image.open(FACES / "000.png")
+    edited = editor(image=face, strength=0.9, generator=torch.Generator().manual_seed(2), **options)
+    filled = inpainter(
+        image=face, mask_image=mask, jump_n_sample=2, generator=[torch.Generator().manual_seed(2)], **options
+    )
+    frames = interpolator(image=[face, Image.open(FACES / "001.png")], num_frames=3, **options)
+    expected = {"edit/strength-0.9.png": edited.images[0], "fill/00000.png": filled.images[0]}
+    expected.update({f"frames/{index:05d}.png": frame for index, frame in enumerate(frames.images)})
+    for name, image in expected.items():  # one level at most: a loaded model may take other kernels (1e-7 apart)
+        saved = np.asarray(Image.open(tmp_path / name), dtype=int)
+        assert np.abs(saved - np.asarray(image, dtype=int)).max() <= 1, name
 
 
 def test_training_samples_with_float32_weights_outside_accelerates_autocast():

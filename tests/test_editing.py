@@ -281,7 +281,11 @@ def test_editing_pipelines_load_from_a_saved_model_and_from_a_pipeline(tmp_path)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline(image=face(), strength=0.5, num_inference_steps=4, generator=seeded(0), output_type="np")
 
-    np.testing.assert_array_equal(edit(loaded).images, edit(derived).images)
+    loaded_weights, derived_weights = loaded.unet.state_dict(), derived.unet.state_dict()
+    assert all(torch.equal(loaded_weights[name], derived_weights[name]) for name in derived_weights)
+    # Equal weights, but not always equal bits out: oneDNN may pick other kernels for the freshly loaded tensors
+    # (1e-7 apart on an AMD EPYC with AVX512-BF16).
+    np.testing.assert_allclose(edit(loaded).images, edit(derived).images, atol=1e-6, rtol=0)
 
 
 # The commands
