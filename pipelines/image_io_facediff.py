@@ -71,7 +71,9 @@ class FaceDiffImageIO:
             sample = torch.from_numpy(np.stack([self.pixels(each) for each in images])).float() / 127.5 - 1
         return sample.to(self._execution_device, self.chain_dtype)
 
-    def check_call(self, batch_size: int, generator, output_type: str, low_noise_dtype=None) -> None:
+    def check_call(
+        self, batch_size: int, generator, output_type: str, low_noise_dtype: torch.dtype | None = None
+    ) -> None:
         """
         Refuse an `output_type`, a number of generators or a `low_noise_dtype` that a call cannot honour, before
         any work.
@@ -108,7 +110,9 @@ class FaceDiffImageIO:
         """
         return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
 
-    def model_output(self, sample: torch.Tensor, t: torch.Tensor, low_noise_dtype=None) -> torch.Tensor:
+    def model_output(
+        self, sample: torch.Tensor, t: torch.Tensor, low_noise_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """
         The UNet at (x_t, t), cast in and out of its dtype so that the chain keeps `sample`'s.
 
