@@ -73,6 +73,9 @@ def sampling_pipeline(unet: UNet2DModel, scheduler: FaceDiffScheduler, ema: EMAM
             The training scheduler.
         ema (`EMAModel`, *optional*):
             Averaged weights to sample with.
+
+    Returns:
+        `FaceDiffPipeline`
     """
     return FaceDiffPipeline(unet=sampling_unet(unet, ema), scheduler=FaceDiffScheduler.from_config(scheduler.config))
 

@@ -198,6 +198,15 @@ def test_editing_commands_dtype_auto_take_the_samplers_precision(tmp_path, monke
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 32))
     mask.save(tmp_path / "mask.png")
+    # Whether each UNet call ran under autocast, and at which t: the images alone may not show it on a tiny model.
+    calls = []
+    forward = UNet2DModel.forward
+
+    def recording(unet, sample, timestep, *args, **kwargs):
+        calls.append((int(timestep), torch.is_autocast_enabled("cpu")))
+        return forward(unet, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DModel, "forward", recording)
     model, face_file, common = str(tmp_path / "model"), str(FACES / "000.png"), ["--steps", "6", "--seed", "2"]
     edit = ["edit", model, "--image", face_file, "--strength", "0.9", "--out", str(tmp_path / "edit")]
     inpaint = ["inpaint", model, "--image", face_file, "--mask", str(tmp_path / "mask.png"), "--num-images", "1"]
@@ -207,6 +216,8 @@ def test_editing_commands_dtype_auto_take_the_samplers_precision(tmp_path, monke
     assert main([*interpolate, "--steps", "6", "--out", str(tmp_path / "frames")]) == 0
     picked = "float32, bfloat16 below t = T/2" if native else "float32"
     assert capsys.readouterr().err.count(f"Sampling in {picked}: this CPU") == 3
+    assert {t < 500 for t, _ in calls} == {True, False}
+    assert all(autocast == (native and t < 500) for t, autocast in calls)
     low_noise_dtype = torch.bfloat16 if native else None
     editor = FaceDiffImg2ImgPipeline.from_pretrained(tmp_path / "model")
     inpainter = FaceDiffInpaintPipeline.from_pretrained(tmp_path / "model")
