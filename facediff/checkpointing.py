@@ -91,6 +91,11 @@ def checkpoint_training_args(checkpoint: Path) -> dict | None:
     return json.loads((checkpoint / STATE_FILE).read_text()).get("training_args")
 
 
+def checkpoint_pipeline_configs(checkpoint: Path) -> dict | None:
+    """The UNet's and the scheduler's configs (None for checkpoints saved before they were kept)."""
+    return json.loads((checkpoint / STATE_FILE).read_text()).get("pipeline_configs")
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: Path,
@@ -99,6 +104,7 @@ def save_checkpoint(
     training_args: dict,
     run_files: Sequence[Path] = (),
     train_seconds: float = 0.0,
+    pipeline_configs: dict | None = None,
 ) -> Path:
     """
     Save everything needed to resume exactly (weights, optimizer, registered objects such as the LR schedule and
@@ -138,7 +144,12 @@ def save_checkpoint(
             if accelerator.is_main_process:
                 for path in run_files:
                     atomic_copy(path, staging / path.name)
-                state = {"global_step": global_step, "train_seconds": train_seconds, "training_args": training_args}
+                state = {
+                    "global_step": global_step,
+                    "train_seconds": train_seconds,
+                    "training_args": training_args,
+                    "pipeline_configs": pipeline_configs,
+                }
                 (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
                 _sync_to_disk(staging)
     except BaseException:

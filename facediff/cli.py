@@ -1,6 +1,6 @@
 """The `facediff` command: `facediff sample MODEL ...` draws images from a trained pipeline, `facediff eval MODEL
---reference DATA ...` scores its samples against reference images, and `facediff inpaint`, `edit` and `interpolate`
-edit images with it."""
+--reference DATA ...` scores its samples against reference images, `facediff inpaint`, `edit` and `interpolate`
+edit images with it, and `facediff export CHECKPOINT OUT` makes a pipeline of a training checkpoint."""
 
 import argparse
 import re
@@ -17,9 +17,11 @@ from PIL import Image
 
 from .allocator import keep_freed_memory
 from .atomic_files import replace_entries, write_json
+from .checkpointing import list_checkpoints
 from .data import ImageSourceError
 from .editing import FaceDiffImg2ImgPipeline, FaceDiffInpaintPipeline, FaceDiffInterpolationPipeline
 from .errors import first_line
+from .export import export_checkpoint
 from .hub import FaceDiffPipeline, check_model_location
 from .model_card import EVAL_RESULTS_NAME, evaluation_table, load_card, model_digest, refresh_card_evaluation
 from .output_dir import check_writable_file
@@ -180,6 +182,30 @@ def interpolate(args: argparse.Namespace) -> Path:
     ).images
     written = {f"{index:05d}.png": frame for index, frame in enumerate(frames)}
     return _write_outputs(out, {**written, "strip.png": _strip(frames)}, earlier)
+
+
+def export(args: argparse.Namespace) -> tuple[Path, int]:
+    """
+    Save a training checkpoint's weights as a pipeline folder.
+
+    Args:
+        args (`argparse.Namespace`):
+            `checkpoint` (a `checkpoint-<step>` folder or a training output folder), `out`, `weights` (`ema` or
+            `trained`) and `overwrite` (replace a pipeline already in `out`).
+
+    Returns:
+        `tuple[Path, int]`: the pipeline folder and the checkpoint's step.
+    """
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: pass a folder for the pipeline.")
+    if (out / "training_args.json").is_file() or list_checkpoints(out):
+        raise ValueError(f"{out} is a training output folder, whose pipeline and card are its run's: pass another one.")
+    if (out / "model_index.json").is_file() and not args.overwrite:
+        raise ValueError(f"{out} already holds a pipeline: pass --overwrite to replace it, or another folder.")
+    pipeline, step = export_checkpoint(args.checkpoint, args.weights)
+    pipeline.save_pretrained(out)
+    return out, step
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, Path, Path | None]:
@@ -435,6 +461,17 @@ def build_parser() -> argparse.ArgumentParser:
     interpolator.add_argument("--steps", type=_positive, default=50, help="DDIM steps; default: 50")
     interpolator.add_argument("--out", required=True, help="folder for 00000.png, ... and strip.png")
     interpolator.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+    exporter = commands.add_parser("export", help="save a training checkpoint's weights as a pipeline")
+    exporter.add_argument("checkpoint", help="a checkpoint-<step> folder, or a training output folder for its latest")
+    exporter.add_argument("out", help="the pipeline folder to write")
+    exporter.add_argument(
+        "--weights",
+        choices=["ema", "trained"],
+        default="ema",
+        help="ema: the moving average, what training saves (default); trained: the optimizer's weights",
+    )
+    exporter.add_argument("--overwrite", action="store_true", help="replace a pipeline already in OUT")
     return parser
 
 
@@ -445,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sample":
             grid = sample(args)
             print(f"Wrote {args.num_images} images and {grid}")
+        elif args.command == "export":
+            out, step = export(args)
+            print(f"Wrote the {args.weights} weights of step {step} as a pipeline in {out}")
         elif args.command in EDITING_COMMANDS:
             strip = EDITING_COMMANDS[args.command](args)
             print(f"Wrote {strip} and the images in it")

@@ -190,6 +190,8 @@ def train(args: TrainingArguments) -> TrainingResult:
     accelerator.register_for_checkpointing(lr_scheduler)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
+    # In every checkpoint, so that `facediff export` makes a pipeline of one without the data or the flags.
+    pipeline_configs = {"unet": dict(accelerator.unwrap_model(unet).config), "scheduler": dict(noise_scheduler.config)}
 
     scorer = None
     if args.eval_steps is not None and accelerator.is_main_process:
@@ -295,6 +297,7 @@ def train(args: TrainingArguments) -> TrainingResult:
                     saved = checkpointing.save_checkpoint(
                         accelerator, output_dir, global_step, args.checkpoints_total_limit, args.to_dict(),
                         run_files=_files_to_checkpoint(output_dir), train_seconds=train_seconds,
+                        pipeline_configs=pipeline_configs,
                     )  # fmt: skip
                     logger.info(f"Saved checkpoint {saved}")
                 if global_step % args.save_images_steps == 0 and not finished:
@@ -304,7 +307,9 @@ def train(args: TrainingArguments) -> TrainingResult:
                 if stop.signum is not None:
                     accelerator.set_trigger()
                 if accelerator.check_trigger() and not finished:  # every process stops together
-                    _stop_on_signal(args, accelerator, output_dir, global_step, stop.signum, train_seconds)
+                    _stop_on_signal(
+                        args, accelerator, output_dir, global_step, stop.signum, train_seconds, pipeline_configs
+                    )
                 if finished:
                     break
                 clock_start = time.monotonic()
@@ -362,11 +367,17 @@ def _finished(accelerator, args, global_step: int, max_train_steps: int | None, 
 
 
 def _stop_on_signal(
-    args, accelerator: Accelerator, output_dir: Path, global_step: int, signum: int | None, train_seconds: float
+    args,
+    accelerator: Accelerator,
+    output_dir: Path,
+    global_step: int,
+    signum: int | None,
+    train_seconds: float,
+    pipeline_configs: dict,
 ):
     saved = checkpointing.save_checkpoint(
         accelerator, output_dir, global_step, args.checkpoints_total_limit, args.to_dict(),
-        run_files=_files_to_checkpoint(output_dir), train_seconds=train_seconds,
+        run_files=_files_to_checkpoint(output_dir), train_seconds=train_seconds, pipeline_configs=pipeline_configs,
     )  # fmt: skip
     name = signal.Signals(signum).name if signum is not None else "a signal on another process"
     raise TrainingInterrupted(
