@@ -69,7 +69,8 @@ class FaceDiffPipeline(pipeline_facediff.FaceDiffPipeline):
                 raise
             unfinished_run = any(name.startswith("checkpoint-") for name in os.listdir(location))
             fix = (
-                "it holds checkpoints of an unfinished run: finish it with --resume_from_checkpoint latest"
+                "it holds checkpoints of an unfinished run: finish it with --resume_from_checkpoint latest, or make "
+                f"a pipeline of its latest checkpoint with `facediff export {location} OUT`"
                 if unfinished_run
                 else "pass the folder that save_pretrained or training wrote"
             )

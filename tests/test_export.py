@@ -89,17 +89,19 @@ def test_an_existing_pipeline_is_replaced_only_with_overwrite(runs, tmp_path, ca
 
 def test_bad_locations_give_one_line_and_write_nothing(runs, tmp_path, capsys):
     four, _ = runs
+    (tmp_path / "file").write_text("not a folder")
     cases = [
-        ([str(tmp_path), str(tmp_path / "a")], "is neither a facediff checkpoint"),
+        ([str(tmp_path / "empty"), str(tmp_path / "a")], "is neither a facediff checkpoint"),
         ([str(four / "checkpoint-4"), str(four)], "is a training output folder, whose pipeline and card are its run's"),
+        ([str(four / "checkpoint-4"), str(tmp_path / "file")], "is a file: pass a folder for the pipeline."),
     ]
+    (tmp_path / "empty").mkdir()
     for argv, message in cases:
-        before = folder_state(four)
+        before = folder_state(tmp_path), folder_state(four)
         assert main(["export", *argv]) == 2
         error = capsys.readouterr().err
         assert message in error and error.count("\n") == 1
-        assert folder_state(four) == before
-    assert not (tmp_path / "a").exists()
+        assert (folder_state(tmp_path), folder_state(four)) == before
 
 
 def test_a_checkpoint_saved_before_the_configs_were_kept_is_refused(runs, tmp_path, capsys):

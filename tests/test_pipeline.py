@@ -248,6 +248,7 @@ def test_a_training_folder_without_a_pipeline_is_refused(tmp_path):
     ) as raised:
         FaceDiffPipeline.from_pretrained(tmp_path)
     assert "finish it with --resume_from_checkpoint latest" in str(raised.value) and "\n" not in str(raised.value)
+    assert f"latest checkpoint with `facediff export {tmp_path} OUT`" in str(raised.value)
     assert folder_state(tmp_path) == before
 
 
