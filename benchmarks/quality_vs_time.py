@@ -2,16 +2,18 @@
 
     python benchmarks/quality_vs_time.py configs/olivetti-32.yaml \
         --train_data_dir ../shared/datasets/olivetti-faces/train --minutes 2.5 5 10 15 --out quality-olivetti
+    python benchmarks/quality_vs_time.py --minutes 2.5 5 8 --out quality-digits      # the main job
 
 Runs `stock_loop.py` (the plain diffusers loop) and then the recipe, `train_accelerate.py CONFIG` with
-`--max_train_minutes` at the last mark and its evaluations (`--eval_steps`) made as the stock loop's: --num-images
-samples at --steps respaced steps, fixed seeds, EMA weights, scored against the training images. Both clocks count
-training only, not evaluating. Prints a markdown table (each loop at the last evaluation at or before each mark, and
-what the recipe's --save_best would keep if stopped there: its best evaluation so far) and
-draws OUT/quality_vs_time.png, with the three floors of `kid_floor.py` (--floor-draws draws of as many real images; each
-refits the held-out floor's evaluator, about 25 s at 64x64 RGB on 2 cores, so use a few there); a stock.jsonl
-already in OUT with every mark is reused, and --replot trains nothing. Flags after `--` go to the recipe's run
-(`-- --mixed_precision no`).
+`--max_train_minutes` at the last mark (with neither a config nor --train_data_dir: the main job, its own steps on
+the built-in digits, against the plain loop with its UNet and no flips), and its evaluations (`--eval_steps`) made as
+the stock loop's: --num-images samples at --steps respaced steps, fixed seeds, EMA weights, scored against the
+training images. Both clocks count training only, not evaluating. Prints a markdown table (each loop at the last
+evaluation at or before each mark, and what the recipe's --save_best would keep if stopped there: its best evaluation
+so far) and draws OUT/quality_vs_time.png, with the three floors of `kid_floor.py` (--floor-draws draws of as many
+real images; each refits the held-out floor's evaluator, about 25 s at 64x64 RGB on 2 cores, so use a few there); a
+stock.jsonl already in OUT with every mark is reused, and --replot trains nothing. Flags after `--` go to the
+recipe's run (`-- --mixed_precision no`).
 """
 
 import argparse
@@ -26,6 +28,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from model_flags import describe_cpu
 
+from facediff.digits import digits_image_folder
+from facediff.training_args import MAIN_JOB_DEFAULTS
 from facediff.training_evaluation import is_better
 
 HERE = Path(__file__).resolve().parent
@@ -84,8 +88,8 @@ def plot(stock: list[dict], recipe: list[dict], real: dict, name: str, path: Pat
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="the recipe, a YAML file of training settings")
-    parser.add_argument("--train_data_dir", required=True)
+    parser.add_argument("config", nargs="?", help="the recipe, a YAML file of training settings; default: the main job")
+    parser.add_argument("--train_data_dir", default=None, help="default: the built-in digits")
     parser.add_argument("--minutes", type=float, nargs="+", default=[2.5, 5, 10, 15])
     parser.add_argument("--num-images", type=int, default=100)
     parser.add_argument("--steps", type=int, default=100, help="respaced sampling steps of each evaluation")
@@ -101,21 +105,31 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     marks = sorted(args.minutes)
-    resolution = str(yaml.safe_load(Path(args.config).read_text()).get("resolution", 32))
+    if args.config is None and args.train_data_dir is None:  # the main job and its data
+        train_data_dir, resolution, name = str(digits_image_folder()), "16", "main job"
+        # The main job trains its steps (MAIN_JOB_STEPS), however long they take here.
+        recipe_args, stock_args = [], ["--model_preset", MAIN_JOB_DEFAULTS["model_preset"], "--no-random-flip"]
+    elif args.config is not None and args.train_data_dir is not None:
+        train_data_dir, name = args.train_data_dir, Path(args.config).stem
+        resolution = str(yaml.safe_load(Path(args.config).read_text()).get("resolution", 32))
+        stock_args = ["--train_data_dir", train_data_dir]
+        recipe_args = [args.config, *stock_args, "--max_train_minutes", str(marks[-1])]
+    else:
+        parser.error("pass a recipe and its --train_data_dir, or neither (the main job)")
 
     stock_path, recipe_dir = out / "stock.jsonl", out / "recipe"
     if not args.replot and not (
         stock_path.is_file() and {row.get("minutes") for row in read_jsonl(stock_path)} >= set(marks)
     ):
         stock_command = [
-            sys.executable, str(HERE / "stock_loop.py"), "--train_data_dir", args.train_data_dir,
-            "--resolution", resolution, "--minutes", *map(str, marks), "--num-images", str(args.num_images),
+            sys.executable, str(HERE / "stock_loop.py"), *stock_args, "--resolution", resolution,
+            "--minutes", *map(str, marks), "--num-images", str(args.num_images),
             "--steps", str(args.steps), "--out", str(stock_path),
         ]  # fmt: skip
         subprocess.run(stock_command, check=True)
     recipe_command = [
-        sys.executable, str(HERE.parent / "train_accelerate.py"), args.config, "--train_data_dir", args.train_data_dir,
-        "--output_dir", str(recipe_dir), "--overwrite_output_dir", "--max_train_minutes", str(marks[-1]),
+        sys.executable, str(HERE.parent / "train_accelerate.py"), *recipe_args, "--output_dir", str(recipe_dir),
+        "--overwrite_output_dir",
         "--eval_steps", str(args.eval_steps), "--eval_num_images", str(args.num_images),
         "--eval_inference_steps", str(args.steps), *recipe_flags,
     ]  # fmt: skip
@@ -127,10 +141,9 @@ def main():
     real = {
         floor: scores["kid"]
         for floor, scores in floors(
-            training_pixels(args.train_data_dir, int(resolution)), args.num_images, args.floor_draws
+            training_pixels(train_data_dir, int(resolution)), args.num_images, args.floor_draws
         ).items()
     }
-    name = Path(args.config).stem
     print(f"{describe_cpu()}; {args.num_images} samples at {args.steps} steps against the training images")
     for floor, (mean, std) in real.items():
         print(f"real images {floor}: pixel-PCA KID {mean:.4f} ± {std:.4f} (mean + 2 std: {mean + 2 * std:.4f})")

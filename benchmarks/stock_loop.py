@@ -1,13 +1,15 @@
 """The plain diffusers training loop that recipes are compared with, trained for a number of minutes.
 
     python benchmarks/stock_loop.py --train_data_dir DIR --resolution 32 --minutes 2.5 5 10 15 --out stock.jsonl
+    python benchmarks/stock_loop.py --resolution 16 --model_preset tiny --no-random-flip --minutes 2.5 5 8 --out d.jsonl
 
 What diffusers' examples/unconditional_image_generation/train_unconditional.py does, reduced to its loop: a
-UNet2DModel (the `small` preset's config, or --model_config_name_or_path), DDPMScheduler, AdamW at 1e-3 with its
-defaults for the rest, batch 32, random flips, an EMAModel (train_unconditional.py's defaults: inv_gamma 1, power 3/4,
-max decay 0.9999) and DDPMPipeline to sample. It trains on the images facediff's data layer prepares (the same
-pixels as a recipe's run), on all of this machine's cores. At each mark of training time (the clock stops while it
-evaluates), the EMA weights draw --num-images images at --steps respaced steps from a fixed seed, scored as
+UNet2DModel (the `small` preset's config, or --model_preset, or --model_config_name_or_path), DDPMScheduler, AdamW at
+1e-3 with its defaults for the rest, batch 32, random flips (not with --no-random-flip), an EMAModel
+(train_unconditional.py's defaults: inv_gamma 1, power 3/4, max decay 0.9999) and DDPMPipeline to sample. It trains
+on the images facediff's data layer prepares (the same pixels as a recipe's run; without --train_data_dir, the
+built-in digits of the main job), on all of this machine's cores. At each mark of training time (the clock stops
+while it evaluates), the EMA weights draw --num-images images at --steps respaced steps from a fixed seed, scored as
 facediff's `--eval_steps` scores them (pixel-PCA FD and KID against the training images, at most 2,000 of them as a
 seed-0 run draws them; memorised share); one JSON line per mark, after a first line with the floor: the pixel-PCA
 KID of 10 random subsets of as many real images.
@@ -27,6 +29,7 @@ from diffusers.training_utils import EMAModel
 from model_flags import describe_cpu
 
 from facediff import build_unet, data
+from facediff.digits import digits_image_folder
 from facediff.evaluation import SampleEvaluator
 from facediff.sample_grids import save_grid
 from facediff.training_evaluation import training_reference
@@ -53,9 +56,11 @@ def evaluate(unet, ema, evaluator, num_images: int, steps: int, seed: int, grid_
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train_data_dir", required=True)
+    parser.add_argument("--train_data_dir", default=None, help="default: the built-in digits")
     parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--model_config_name_or_path", default=None, help="default: the small preset")
+    parser.add_argument("--model_preset", default="small")
+    parser.add_argument("--model_config_name_or_path", default=None, help="default: --model_preset's config")
+    parser.add_argument("--no-random-flip", action="store_true", help="for images a mirror changes, as digits")
     parser.add_argument("--minutes", type=float, nargs="+", default=[2.5, 5, 10, 15])
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--steps", type=int, default=100, help="respaced sampling steps of each evaluation")
@@ -63,7 +68,8 @@ def main():
     parser.add_argument("--out", required=True, help="the JSON lines to write")
     args = parser.parse_args()
 
-    source = data.ImageSource(location=args.train_data_dir, is_image_folder=True, resolution=args.resolution)
+    train_data_dir = args.train_data_dir or str(digits_image_folder())
+    source = data.ImageSource(location=train_data_dir, is_image_folder=True, resolution=args.resolution)
     raw, column = data.load_raw_dataset(source)
     channels = data.detect_channels(raw, column)
     train_dataset = data.preprocess_images(raw, column, source, channels)
@@ -87,7 +93,7 @@ def main():
 
     torch.manual_seed(args.seed)
     if args.model_config_name_or_path is None:
-        unet = build_unet("small", args.resolution, channels)
+        unet = build_unet(args.model_preset, args.resolution, channels)
     else:
         unet = UNet2DModel.from_config(UNet2DModel.load_config(args.model_config_name_or_path))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
@@ -101,7 +107,8 @@ def main():
         for batch in loader:
             started = time.perf_counter()
             clean = batch.float() / 127.5 - 1
-            clean = torch.where(torch.rand(len(clean))[:, None, None, None] < 0.5, clean.flip(-1), clean)
+            if not args.no_random_flip:
+                clean = torch.where(torch.rand(len(clean))[:, None, None, None] < 0.5, clean.flip(-1), clean)
             noise = torch.randn_like(clean)
             timesteps = torch.randint(0, 1000, (len(clean),))
             loss = F.mse_loss(unet(scheduler.add_noise(clean, noise, timesteps), timesteps).sample, noise)
