@@ -78,7 +78,7 @@ def plot(stock: list[dict], recipe: list[dict], real: dict, name: str, path: Pat
             label=label,
         )
     for (floor, (mean, std)), color in zip(real.items(), ("green", "gray", "purple"), strict=True):
-        axes.axhspan(mean - 2 * std, mean + 2 * std, color=color, alpha=0.2, label=f"real faces {floor} (± 2 std)")
+        axes.axhspan(mean - 2 * std, mean + 2 * std, color=color, alpha=0.2, label=f"real images {floor} (± 2 std)")
     axes.set_yscale("symlog", linthresh=0.01)
     axes.set(xlabel="minutes of training", ylabel="pixel-PCA KID vs training images")
     axes.set_title(describe_cpu(), fontsize=8)
