@@ -689,13 +689,23 @@ def _save_final(
             ) from error
         logger.info(f"Pushed the pipeline to {commit.repo_url} ({commit.commit_url})")
     if best is not None:
-        weights = f" (the weights of step {best_step}'s evaluation, the best: --save_best)"
+        later = _later_weights(output_dir, best_step)
+        weights = f" (the weights of step {best_step}'s evaluation, the best: --save_best{later})"
     else:
         weights = " (EMA weights)" if ema is not None else ""
     logger.info(
         f"Saved the pipeline{weights}, its model card and sample grid ({grid}) in {output_dir}; logs in "
         f"{output_dir / args.logging_dir}"
     )
+
+
+def _later_weights(output_dir: Path, best_step: int) -> str:
+    """Where the last step's weights are when --save_best saved an earlier step's, and how to get them."""
+    checkpoints = checkpointing.list_checkpoints(output_dir)
+    if not checkpoints or checkpointing.checkpoint_step(checkpoints[-1]) == best_step:
+        return ""
+    last = checkpoints[-1]
+    return f"; the last step's are in {last}, and `facediff export {last} OUT` makes a pipeline of them"
 
 
 def _final_weights(args, unet: UNet2DModel, ema: EMAModel | None, output_dir: Path) -> tuple[UNet2DModel, dict | None]:

@@ -137,7 +137,10 @@ def test_save_best_saves_the_best_evaluation_that_does_not_copy(tmp_path, monkey
     assert "the trained weights (no EMA) of step 4, the best evaluation during training (`--save_best`)" in card
     assert "| **4** (saved) |" in card and "The saved weights are those of step 4" in card
     assert "At step 6, 50% of the evaluation's samples are copies" in caplog.text
-    assert "Saved the pipeline (the weights of step 4's evaluation, the best: --save_best)" in caplog.text
+    assert "Saved the pipeline (the weights of step 4's evaluation, the best: --save_best; the last step's are in " in (
+        caplog.text
+    )
+    assert f"`facediff export {output / 'checkpoint-6'} OUT` makes a pipeline of them)" in caplog.text
 
 
 def test_overwrite_output_dir_removes_the_old_runs_evaluations(tmp_path, monkeypatch):
