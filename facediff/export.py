@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate.utils import SAFE_WEIGHTS_NAME
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from .checkpointing import STATE_FILE, checkpoint_pipeline_configs, checkpoint_step, list_checkpoints
 from .hub import FaceDiffPipeline
 from .pipelines import FaceDiffScheduler
-
-TRAINED_WEIGHTS_NAME = "model.safetensors"
 
 
 def export_checkpoint(
@@ -47,7 +46,7 @@ def export_checkpoint(
             "(--resume_from_checkpoint) so that it saves a checkpoint that facediff export can read."
         )
     unet = UNet2DModel.from_config(configs["unet"])
-    state = _ema_weights(path, unet) if weights == "ema" else load_file(path / TRAINED_WEIGHTS_NAME)
+    state = _ema_weights(path, unet) if weights == "ema" else load_file(path / SAFE_WEIGHTS_NAME)
     unet.load_state_dict(state)
     scheduler = FaceDiffScheduler.from_config(configs["scheduler"])
     return FaceDiffPipeline(unet=unet, scheduler=scheduler), checkpoint_step(path)
